@@ -1,0 +1,50 @@
+"""create_app(): the FastAPI app, its state container and its lifespan (engine start/stop)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from cria import __version__
+from cria.api.errors import install_error_handlers
+from cria.api.routes import chat, completions, health, models
+from cria.api.state import AppState
+from cria.chat.template import ChatTemplate
+from cria.engine.engine import Engine
+from cria.models.spec import ModelSpec
+from cria.settings import Settings
+
+
+def create_app(settings: Settings, spec: ModelSpec, engine: Engine) -> FastAPI:
+    """Build the app around an engine. The lifespan starts the engine thread (the model loads
+    in the background: /health says 503 until it is ready) and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="Cria",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.cria = AppState(
+        settings=settings,
+        spec=spec,
+        engine=engine,
+        template=ChatTemplate(spec.chat_template, bos_token=spec.bos_text, eos_token=spec.eos_text),
+        created=int(spec.path.stat().st_mtime) if spec.path.exists() else int(time.time()),
+    )
+    install_error_handlers(app)
+    for module in (models, completions, chat, health):
+        app.include_router(module.router)
+    return app

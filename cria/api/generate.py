@@ -1,0 +1,123 @@
+"""Shared by the completion routes: request fields -> engine types, and reading many streams."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from cria.api.protocol import _SamplingFields
+from cria.engine.engine import Engine, RequestStream
+from cria.engine.types import Delta, FinishReason, GenerationRequest, SamplingParams, Usage
+from cria.errors import CriaError, InvalidRequest
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sampling_from(req: _SamplingFields, *, n_vocab: int, choice: int) -> SamplingParams:
+    """The sampling settings of choice number `choice` (seeded choices get seed + choice, so
+    n > 1 gives different but reproducible choices)."""
+    bias: list[tuple[int, float]] = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < n_vocab:
+            raise InvalidRequest(f"logit_bias key {key!r} is not a token id in [0, {n_vocab})", param="logit_bias")
+        bias.append((int(key), value))
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
+        seed=None if req.seed is None else req.seed + choice,
+        logit_bias=tuple(bias),
+    )
+
+
+def submit_all(engine: Engine, requests: Sequence[GenerationRequest]) -> list[RequestStream]:
+    """Submit every request or none: if one is refused, the ones already queued are aborted."""
+    streams: list[RequestStream] = []
+    try:
+        for request in requests:
+            streams.append(engine.submit(request))
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+async def _collect_one(stream: RequestStream) -> ChoiceResult:
+    parts: list[str] = []
+    async for delta in stream:
+        parts.append(delta.text)
+        if delta.finish_reason is not None:
+            assert delta.usage is not None
+            return ChoiceResult("".join(parts), delta.finish_reason, delta.usage)
+    raise CriaError("the request ended without a result")
+
+
+async def collect(streams: Sequence[RequestStream]) -> list[ChoiceResult]:
+    try:
+        return list(await asyncio.gather(*(_collect_one(s) for s in streams)))
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+async def merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of several streams as they come, tagged with the stream's index. Closing the
+    iterator closes (aborts) every stream that has not finished."""
+    if len(streams) == 1:
+        try:
+            async for delta in streams[0]:
+                yield 0, delta
+        finally:
+            streams[0].close()
+        return
+    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait((index, delta))
+            queue.put_nowait((index, None))
+        except BaseException as exc:  # noqa: BLE001 - handed over to the reader
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        n_open = len(streams)
+        while n_open:
+            index, item = await queue.get()
+            if item is None:
+                n_open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
+def sum_usage(prompt_lengths: Sequence[int], usages: Sequence[Usage]) -> Usage:
+    """Prompt tokens count once per prompt (not per choice); completion tokens per choice."""
+    return Usage(
+        prompt_tokens=sum(prompt_lengths),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        cached_tokens=min(sum(u.cached_tokens for u in usages), sum(prompt_lengths)),
+    )

@@ -1,0 +1,135 @@
+"""`cria`: command line + CRIA_* environment -> Settings; build the engine and app; run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from cria.errors import StartupError
+from cria.settings import Settings, env_name, flags_of
+
+log = logging.getLogger("cria")
+
+# Options accepted now whose feature comes later: refusing them beats ignoring them.
+NOT_YET = {
+    "tokenizer_path": "an external tokenizer (the GGUF's own tokenizer is used)",
+    "tokenizer_repository": "a tokenizer repository (the GGUF's own tokenizer is used)",
+    "lora_adapters": "LoRA adapters",
+    "n_gqa": "--n-gqa (GGUF files carry their GQA factor)",
+    "zipkin_endpoint": "Zipkin tracing",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit code 2, no usage dump
+        raise StartupError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cria",
+        description="Serve a local GGUF model behind the OpenAI API, with continuous batching.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in Settings.model_fields.items():
+        flags = flags_of(name)
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        help_text = f"{field.description} [env: {env_name(name)}] (default: {default})"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif name == "lora_adapters":
+            parser.add_argument(*flags, dest=name, nargs="+", metavar="PATH", help=help_text)
+        else:
+            parser.add_argument(*flags, dest=name, metavar=name.upper(), help=help_text)
+    parser.formatter_class = argparse.HelpFormatter
+    return parser
+
+
+def _explain(exc: ValidationError, cli_names: set[str]) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        where = "/".join(flags_of(name)) if name in cli_names else env_name(name)
+        value = err.get("input")
+        parts.append(f"{where}={value!r}: {err['msg']}")
+    return "invalid option " + "; ".join(parts)
+
+
+def load_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Command line over CRIA_* environment over defaults. Raises StartupError naming the
+    flag or the variable at fault."""
+    args = vars(build_parser().parse_args(argv))
+    try:
+        return Settings(**args)
+    except ValidationError as exc:
+        raise StartupError(_explain(exc, set(args))) from None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+        _configure_logging(settings.log_level)
+        for name, what in NOT_YET.items():
+            if getattr(settings, name) is not None:
+                flag = flags_of(name)[-1]
+                raise StartupError(f"{flag}: {what} is not supported yet")
+        from cria.models.spec import resolve_model
+
+        spec = resolve_model(settings)
+    except StartupError as exc:
+        print(f"cria: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings, spec)
+
+
+def serve(settings: Settings, spec: Any) -> int:
+    import uvicorn
+
+    from cria.api.app import create_app
+    from cria.engine.engine import Engine, EngineConfig
+    from cria.engine.llama import LlamaModel, library_version, supports_gpu_offload
+
+    if settings.wants_gpu and not supports_gpu_offload():
+        log.warning(
+            "--use-gpu: this llama-cpp-python build has no GPU offload; running on the CPU. "
+            "Install a CUDA build with CMAKE_ARGS=\"-DGGML_CUDA=on\" (or Metal on macOS: "
+            "CMAKE_ARGS=\"-DGGML_METAL=on\") pip install --force-reinstall --no-cache-dir "
+            "llama-cpp-python==%s",
+            library_version(),
+        )
+    engine = Engine(
+        lambda: LlamaModel(spec.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap),
+        EngineConfig(
+            n_ctx_per_seq=settings.context_size,
+            n_slots=settings.parallel,
+            n_batch=max(settings.batch_size, settings.parallel),
+            n_threads=settings.threads,
+            max_queue=settings.max_queue,
+        ),
+    )
+    app = create_app(settings, spec, engine)
+    log.info("serving %s (%s) on http://%s:%d", spec.id, spec.path, settings.host, settings.port)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=5,
+    )
+    return 0

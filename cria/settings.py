@@ -1,0 +1,173 @@
+"""Every option of Cria, spelled once: flag, CRIA_ variable, default, bounds and help.
+
+The command line is generated from these fields (see `cli.py`); the environment is read by
+pydantic-settings with the `CRIA_` prefix. The command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CRIA_"
+
+
+def _opt(*flags: str, help: str, **kwargs: Any) -> Any:
+    """A settings field with its command-line flags kept beside it."""
+    return Field(json_schema_extra={"flags": list(flags)}, description=help, **kwargs)
+
+
+def default_threads() -> int:
+    """One compute thread per core this process may run on.
+
+    llama.cpp's workers spin while they wait, so more threads than cores is 10-100x slower.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
+    )
+
+    # --- the original options (a contract) ---
+    model_architecture: str = _opt(
+        "-a",
+        "--model-architecture",
+        default="llama",
+        help="Expected model architecture; checked against the GGUF's general.architecture.",
+    )
+    model: Path | None = _opt(
+        "--model",
+        default=None,
+        help="Path to a GGUF model. Default: the bundled SmolLM2-135M-Instruct.",
+    )
+    tokenizer_path: Path | None = _opt(
+        "-v", "--tokenizer-path", default=None, help="Path to an external tokenizer (not yet supported)."
+    )
+    tokenizer_repository: str | None = _opt(
+        "-r",
+        "--tokenizer-repository",
+        default=None,
+        help="Tokenizer repository id (not yet supported).",
+    )
+    host: str = _opt("-H", "--host", default="0.0.0.0", help="Address to listen on.")
+    port: int = _opt("-p", "--port", default=3000, ge=0, le=65535, help="Port to listen on.")
+    prefer_mmap: bool = _opt(
+        "-m", "--prefer-mmap", default=True, help="Memory-map the model file instead of reading it."
+    )
+    context_size: int = _opt(
+        "-c",
+        "--context-size",
+        default=2048,
+        ge=16,
+        le=1 << 20,
+        help="Context size of each slot, in tokens (prompt + completion).",
+    )
+    lora_adapters: list[Path] | None = _opt(
+        "-l", "--lora-adapters", default=None, help="LoRA adapter files (not yet supported)."
+    )
+    use_gpu: bool = _opt(
+        "-u", "--use-gpu", default=False, help="Offload layers to the GPU (CUDA or Metal build)."
+    )
+    gpu_layers: int | None = _opt(
+        "-g",
+        "--gpu-layers",
+        default=None,
+        ge=0,
+        help="Layers to offload to the GPU (implies --use-gpu). Default with --use-gpu: all.",
+    )
+    n_gqa: int | None = _opt(
+        "--n-gqa", default=None, ge=1, help="Grouped-query attention factor (legacy GGML; not yet supported)."
+    )
+    zipkin_endpoint: str | None = _opt(
+        "-z", "--zipkin-endpoint", default=None, help="Zipkin endpoint for traces (not yet supported)."
+    )
+
+    # --- Cria's own options ---
+    parallel: int = _opt(
+        "--parallel", default=4, ge=1, le=256, help="Number of slots: sequences decoded together."
+    )
+    threads: int = _opt(
+        "--threads",
+        default_factory=default_threads,
+        ge=1,
+        le=1024,
+        help="Compute threads for llama.cpp. Default: the number of usable cores.",
+    )
+    batch_size: int = _opt(
+        "--batch-size",
+        default=512,
+        ge=16,
+        le=1 << 16,
+        help="Most tokens decoded in one step (running sequences + prompt chunks).",
+    )
+    max_queue: int = _opt(
+        "--max-queue",
+        default=256,
+        ge=0,
+        help="Requests allowed to wait for a slot; past this the server answers 429.",
+    )
+    model_alias: str | None = _opt(
+        "--model-alias", default=None, help="Model id shown in /v1/models and accepted in requests."
+    )
+    max_body_bytes: int = _opt(
+        "--max-body-bytes",
+        default=8 * 1024 * 1024,
+        ge=1024,
+        help="Largest request body accepted; larger bodies get 413.",
+    )
+    log_level: str = _opt("--log-level", default="info", help="Log level: debug, info, warning, error.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("must be one of debug, info, warning, error, critical")
+        return value
+
+    @field_validator("model_architecture")
+    @classmethod
+    def _check_arch(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("zipkin_endpoint")
+    @classmethod
+    def _check_zipkin(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @property
+    def n_gpu_layers(self) -> int:
+        """Layers to offload: --gpu-layers if given, else all with --use-gpu, else none."""
+        if self.gpu_layers is not None:
+            return self.gpu_layers
+        return 999 if self.use_gpu else 0
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.use_gpu or bool(self.gpu_layers)
+
+
+def flags_of(name: str) -> list[str]:
+    extra = Settings.model_fields[name].json_schema_extra
+    assert isinstance(extra, dict)
+    flags = extra["flags"]
+    assert isinstance(flags, list)
+    return [str(f) for f in flags]
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
