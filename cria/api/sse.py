@@ -60,7 +60,10 @@ async def _frames(request: Request, events: AsyncIterator[dict[str, Any]]) -> As
     finally:
         gone.cancel()
         if pending is not None:
+            # The cancellation reaches the generator inside its own task; wait for it to
+            # unwind there, or aclose() below would find the generator still running.
             pending.cancel()
+            await asyncio.wait({pending})
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()

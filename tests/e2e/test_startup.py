@@ -1,0 +1,126 @@
+"""Start-up: options, environment, bad models, and a small server for queue limits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cria.models.spec import bundled_model_path
+from tests.e2e.conftest import Server, start_server, stop_server
+
+
+def run_cria(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CRIA_")}
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "cria", "--host", "127.0.0.1", "--port", "1", *args],
+        capture_output=True, text=True, timeout=60, env=clean,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    assert_one_line_error(run_cria("--model", str(tmp_path / "nope.gguf")), "no such file")
+
+
+def test_model_that_is_not_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(b"ggml" + b"\0" * 64)
+    assert_one_line_error(run_cria("--model", str(bad)), "not a GGUF")
+
+
+def test_architecture_mismatch() -> None:
+    assert_one_line_error(run_cria("-a", "falcon"), "falcon", "llama")
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    assert_one_line_error(run_cria(env={"CRIA_CONTEXT_SIZE": "abc"}), "CRIA_CONTEXT_SIZE")
+    assert_one_line_error(run_cria(env={"CRIA_PARALLEL": "0"}), "CRIA_PARALLEL")
+
+
+def test_bad_flag_value_names_the_flag() -> None:
+    assert_one_line_error(run_cria("--parallel", "many"), "--parallel")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-z", "http://127.0.0.1:9411/api/v2/spans"], ["--n-gqa", "8"], ["-r", "some/repo"]],
+)
+def test_options_not_yet_supported_fail_clearly(args: list[str]) -> None:
+    assert_one_line_error(run_cria(*args), "not supported yet")
+
+
+def test_help_lists_every_option_with_its_variable() -> None:
+    result = subprocess.run([sys.executable, "-m", "cria", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag, env in [("--model-architecture", "CRIA_MODEL_ARCHITECTURE"), ("--port", "CRIA_PORT"),
+                      ("--context-size", "CRIA_CONTEXT_SIZE"), ("--zipkin-endpoint", "CRIA_ZIPKIN_ENDPOINT"),
+                      ("--parallel", "CRIA_PARALLEL"), ("--max-queue", "CRIA_MAX_QUEUE")]:
+        assert flag in result.stdout and env in result.stdout
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One slot, one waiting place; the model given by path (its id is the file's stem), and
+    settings from the environment, overridden by the command line."""
+    tmp = tmp_path_factory.mktemp("small")
+    link = tmp / "tiny-llama.gguf"
+    link.symlink_to(bundled_model_path())
+    srv = start_server(
+        tmp, "--model", str(link), "--parallel", "1",
+        env={"CRIA_MAX_QUEUE": "1", "CRIA_PARALLEL": "3", "CRIA_CONTEXT_SIZE": "512"},
+    )
+    yield srv
+    stop_server(srv)
+
+
+def test_model_id_is_file_stem_and_env_applies(small_server: Server) -> None:
+    models = httpx.get(small_server.v1 + "/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+    stats = small_server.engine_stats()
+    assert stats["n_slots"] == 1  # the command line won over CRIA_PARALLEL=3
+    r = httpx.post(small_server.v1 + "/completions", json={"model": "tiny-llama", "prompt": "Hi", "max_tokens": 600})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"  # CRIA_CONTEXT_SIZE=512
+
+
+def test_full_queue_is_429_and_queued_disconnect_is_dropped(small_server: Server) -> None:
+    long_body = {"model": "tiny-llama", "prompt": "Go:", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as c1, httpx.Client(timeout=60) as c2:
+        with c1.stream("POST", small_server.v1 + "/completions", json=long_body) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # it holds the only slot
+            with c2.stream("POST", small_server.v1 + "/completions", json=long_body) as queued:
+                assert queued.status_code == 200
+                deadline = time.monotonic() + 10
+                while small_server.engine_stats()["n_waiting"] != 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                third = httpx.post(small_server.v1 + "/completions", json={**long_body, "stream": False}, timeout=60)
+                assert third.status_code == 429
+                assert third.headers["retry-after"].isdigit()
+                assert third.json()["error"]["type"] == "rate_limit_error"
+            # the queued client left: its place is freed without ever taking the slot
+            deadline = time.monotonic() + 10
+            while small_server.engine_stats()["n_waiting"] != 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    stats = small_server.wait_idle(timeout=15)
+    assert stats["n_running"] == 0
+    ok = httpx.post(small_server.v1 + "/completions", json={"model": "tiny-llama", "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
