@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     )
     log_level: str = _opt("--log-level", default="info", help="Log level: debug, info, warning, error.")
 
+    @field_validator("model", "tokenizer_path", "tokenizer_repository", "zipkin_endpoint", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:

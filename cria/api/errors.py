@@ -11,7 +11,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cria.errors import CriaError, EngineFailure, InvalidRequest, MethodNotAllowed, NotFound, Overloaded
+from cria.errors import (
+    CriaError,
+    EngineFailure,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+)
 
 log = logging.getLogger(__name__)
 

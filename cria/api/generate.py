@@ -93,7 +93,7 @@ async def merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, De
             async for delta in stream:
                 queue.put_nowait((index, delta))
             queue.put_nowait((index, None))
-        except BaseException as exc:  # noqa: BLE001 - handed over to the reader
+        except BaseException as exc:
             queue.put_nowait((index, exc))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]

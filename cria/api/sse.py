@@ -29,8 +29,8 @@ def event(body: Any) -> bytes:
 async def _frames(request: Request, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     """Frame `events` as SSE. A disconnect cancels the event source (which aborts its engine
     requests); an error after the headers went out becomes an error event, then [DONE]."""
-    gone = asyncio.ensure_future(wait_for_disconnect(request))
-    pending: asyncio.Future[dict[str, Any]] | None = None
+    gone: asyncio.Future[Any] = asyncio.ensure_future(wait_for_disconnect(request))
+    pending: asyncio.Future[Any] | None = None
     try:
         while True:
             if pending is None:

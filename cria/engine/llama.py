@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 
@@ -92,7 +93,7 @@ class LlamaModel:
         self._eog = [bool(llama_cpp.llama_vocab_is_eog(self._vocab, t)) for t in range(self.n_vocab)]
 
     @property
-    def ptr(self) -> llama_cpp.llama_model_p:
+    def ptr(self) -> Any:
         return self._model
 
     def is_eog(self, token: int) -> bool:
@@ -195,11 +196,11 @@ class LlamaContext:
         self.n_ctx_per_seq = n_ctx_per_seq
 
     @property
-    def ptr(self) -> llama_cpp.llama_context_p:
+    def ptr(self) -> Any:
         return self._ctx
 
     def decode(self, batch: Batch) -> DecodeResult:
-        b = batch._batch  # noqa: SLF001 - both classes are this module's
+        b = batch._batch  # both classes are this module's
         b.n_tokens = batch.n_tokens
         ret = int(llama_cpp.llama_decode(self._ctx, b))
         if ret == 0:
@@ -232,7 +233,7 @@ class SamplerChain:
             llama_cpp.llama_sampler_chain_add(self._chain, self._build(step, n_vocab))
 
     @staticmethod
-    def _build(step: SamplerStep, n_vocab: int) -> llama_cpp.llama_sampler_p:
+    def _build(step: SamplerStep, n_vocab: int) -> Any:
         a = step.args
         if step.kind == "greedy":
             return llama_cpp.llama_sampler_init_greedy()
@@ -250,7 +251,7 @@ class SamplerChain:
             n = len(a) // 2
             arr = (llama_cpp.llama_logit_bias * n)()
             for i in range(n):
-                arr[i].token = int(a[2 * i])
+                arr[i].token = int(a[2 * i])  # type: ignore[assignment]
                 arr[i].bias = float(a[2 * i + 1])
             return llama_cpp.llama_sampler_init_logit_bias(n_vocab, n, arr)
         if step.kind == "penalties":

@@ -34,7 +34,7 @@ class StopMatcher:
     string itself (and anything after it) is never emitted.
     """
 
-    __slots__ = ("_stops", "_held")
+    __slots__ = ("_held", "_stops")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(s for s in stops if s)

@@ -5,6 +5,7 @@ Reads the header and the key/value section only (never tensors). Pure Python, no
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -59,11 +60,17 @@ def _value(f: BinaryIO, vtype: int, keep: bool) -> Any:
             return [_value(f, itype, True) for _ in range(count)]
         if itype in _SCALARS:
             f.seek(struct.calcsize(_SCALARS[itype]) * count, 1)
+            if f.tell() > _size(f):  # seeking past the end does not fail by itself
+                raise GGUFError("truncated GGUF header")
         else:
             for _ in range(count):
                 _value(f, itype, False)
         return count
     raise GGUFError(f"unknown GGUF value type {vtype}")
+
+
+def _size(f: BinaryIO) -> int:
+    return os.fstat(f.fileno()).st_size
 
 
 def is_gguf(path: Path) -> bool:

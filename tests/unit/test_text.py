@@ -61,7 +61,7 @@ def test_random_splits_reassemble_exactly() -> None:
 
 def test_two_characters_in_one_piece_with_a_split_tail() -> None:
     d = Detokenizer()
-    data = "日本".encode("utf-8")  # 6 bytes
+    data = "日本".encode()  # 6 bytes
     assert d.push(data[:4]) == "日"
     assert d.push(data[4:]) == "本"
 

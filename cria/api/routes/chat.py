@@ -83,6 +83,7 @@ async def create_chat_completion(request: Request) -> Response:
     state.check_model(req.model)
     _check_unsupported(req)
     tokens = _prompt_tokens(state, req)
+    requested: int | None
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
     else:

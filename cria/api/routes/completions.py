@@ -66,7 +66,7 @@ async def create_completion(request: Request) -> Response:
     n_vocab = engine.n_vocab
     requested = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     gens: list[GenerationRequest] = []
-    for p_index, tokens in enumerate(prompts):
+    for tokens in prompts:
         max_tokens = engine.resolve_max_tokens(len(tokens), requested, param="max_tokens")
         for j in range(n):
             gens.append(
