@@ -121,7 +121,11 @@ def build_prompts() -> list[str]:
 def build_prefill_prompt(run: int, n_words: int) -> str:
     """A long prompt; `run` is written first so no two runs share a cached prefix."""
     head = f"{run * 7919 + 1013} Read the following notes carefully, then answer a question about them.\n\n"
-    return head + " ".join(_words(run * 3, n_words)) + "\n\nQuestion: what is the first topic?\nAnswer:"
+    return (
+        head
+        + " ".join(_words(run * 3, n_words))
+        + "\n\nQuestion: what is the first topic?\nAnswer:"
+    )
 
 
 PROMPTS = build_prompts()
@@ -155,7 +159,9 @@ class Result:
 
     @property
     def tokens(self) -> int:
-        return self.completion_tokens if self.completion_tokens is not None else len(self.chunk_times)
+        return (
+            self.completion_tokens if self.completion_tokens is not None else len(self.chunk_times)
+        )
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -183,7 +189,7 @@ def _body(args: argparse.Namespace, prompt: str, max_tokens: int) -> dict[str, A
 
 def _url(args: argparse.Namespace, endpoint: str) -> str:
     path = "/chat/completions" if endpoint == "chat" else "/completions"
-    return args.base_url.rstrip("/") + path
+    return str(args.base_url).rstrip("/") + path
 
 
 def _content(event: dict[str, Any]) -> str:
@@ -197,7 +203,11 @@ def _content(event: dict[str, Any]) -> str:
 
 
 async def stream_one(
-    client: httpx.AsyncClient, args: argparse.Namespace, result: Result, prompt: str, max_tokens: int
+    client: httpx.AsyncClient,
+    args: argparse.Namespace,
+    result: Result,
+    prompt: str,
+    max_tokens: int,
 ) -> Result:
     body = _body(args, prompt, max_tokens)
     result.start = time.perf_counter()
@@ -342,7 +352,9 @@ def print_load_report(s: dict[str, Any]) -> None:
     if s["usage_missing"]:
         print(f"  note: {s['usage_missing']} request(s) had no usage chunk; counted content chunks")
     if s["requests_not_max_tokens"]:
-        print(f"  note: {s['requests_not_max_tokens']} request(s) did not produce max_tokens tokens")
+        print(
+            f"  note: {s['requests_not_max_tokens']} request(s) did not produce max_tokens tokens"
+        )
     for e in s["error_samples"]:
         print(f"  error: {e}")
 
@@ -391,7 +403,9 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 except asyncio.QueueEmpty:
                     return
                 p = i % len(PROMPTS)
-                results.append(await stream_one(client, args, Result(i, p), PROMPTS[p], args.max_tokens))
+                results.append(
+                    await stream_one(client, args, Result(i, p), PROMPTS[p], args.max_tokens)
+                )
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
@@ -432,7 +446,13 @@ async def run_prefill(args: argparse.Namespace) -> dict[str, Any]:
         runs = []
         for run in range(3):
             tokens, wall = await prefill_once(client, args, build_prefill_prompt(run, n_words))
-            runs.append({"prompt_tokens": tokens, "wall_s": round(wall, 4), "tok_s": round(tokens / wall, 2)})
+            runs.append(
+                {
+                    "prompt_tokens": tokens,
+                    "wall_s": round(wall, 4),
+                    "tok_s": round(tokens / wall, 2),
+                }
+            )
     best = statistics.median(r["tok_s"] for r in runs)
     return {
         "base_url": args.base_url,
@@ -448,14 +468,22 @@ async def run_prefill(args: argparse.Namespace) -> dict[str, Any]:
 def print_prefill_report(s: dict[str, Any]) -> None:
     print(f"\n{s['model']} @ {s['base_url']}  prefill (/completions, max_tokens 1, non-streaming)")
     for i, r in enumerate(s["runs"]):
-        print(f"  run {i}: {r['prompt_tokens']} prompt tokens in {r['wall_s'] * 1000:,.1f} ms = {r['tok_s']:,.2f} tok/s")
-    print(f"  median prompt tok/s   {s['prompt_tok_s_median']:,.2f}  ({s['prompt_tokens_median']} tokens)")
+        print(
+            f"  run {i}: {r['prompt_tokens']} prompt tokens in {r['wall_s'] * 1000:,.1f} ms = {r['tok_s']:,.2f} tok/s"
+        )
+    print(
+        f"  median prompt tok/s   {s['prompt_tok_s_median']:,.2f}  (median prompt {s['prompt_tokens_median']} tokens)"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", default="http://127.0.0.1:3000/v1", help="OpenAI base URL, with /v1")
-    p.add_argument("--model", default=None, help="model id (default: the first one GET /models lists)")
+    p.add_argument(
+        "--base-url", default="http://127.0.0.1:3000/v1", help="OpenAI base URL, with /v1"
+    )
+    p.add_argument(
+        "--model", default=None, help="model id (default: the first one GET /models lists)"
+    )
     p.add_argument("--concurrency", "-c", type=int, default=1, help="concurrent workers")
     p.add_argument("--requests", "-n", type=int, default=16, help="requests in total")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
