@@ -82,7 +82,7 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     link = tmp / "tiny-llama.gguf"
     link.symlink_to(bundled_model_path())
     srv = start_server(
-        tmp, "--model", str(link), "--parallel", "1",
+        tmp, "--model", str(link), "--parallel", "1", "--use-gpu",
         env={"CRIA_MAX_QUEUE": "1", "CRIA_PARALLEL": "3", "CRIA_CONTEXT_SIZE": "512"},
     )
     yield srv
@@ -96,6 +96,72 @@ def test_model_id_is_file_stem_and_env_applies(small_server: Server) -> None:
     assert stats["n_slots"] == 1  # the command line won over CRIA_PARALLEL=3
     r = httpx.post(small_server.v1 + "/completions", json={"model": "tiny-llama", "prompt": "Hi", "max_tokens": 600})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"  # CRIA_CONTEXT_SIZE=512
+
+
+def test_use_gpu_without_gpu_build_warns_once_and_serves(small_server: Server) -> None:
+    log = small_server.log_path.read_text()
+    warnings = [line for line in log.splitlines() if "--use-gpu" in line and "CUDA" in line]
+    assert len(warnings) == 1
+    assert small_server.health()["status"] == "ok"
+
+
+def test_model_that_fails_to_load_gives_503(tmp_path: Path) -> None:
+    """A GGUF whose header is intact but whose tensors are cut off passes the start-up checks,
+    then fails to load on the engine thread: /health and requests say 503, never hang."""
+    broken = tmp_path / "broken.gguf"
+    with bundled_model_path().open("rb") as src:
+        broken.write_bytes(src.read(8 * 1024 * 1024))
+    port_server = _start_unhealthy(tmp_path, "--model", str(broken))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            r = httpx.get(port_server + "/health", timeout=5)
+            if r.json()["status"] == "dead":
+                break
+            assert r.status_code == 503 and r.json()["status"] == "loading"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert r.status_code == 503 and r.json()["error"]
+        c = httpx.post(port_server + "/v1/completions", json={"model": "broken", "prompt": "Hi"}, timeout=10)
+        assert c.status_code == 503 and c.json()["error"]["code"] == "engine_unavailable"
+    finally:
+        _stop_unhealthy()
+
+
+_unhealthy: list[subprocess.Popen[bytes]] = []
+
+
+def _start_unhealthy(tmp: Path, *args: str) -> str:
+    from tests.e2e.conftest import free_port
+
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CRIA_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cria", "--host", "127.0.0.1", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean,
+    )
+    _unhealthy.append(proc)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "cria exited instead of serving 503"
+        try:
+            httpx.get(base + "/health", timeout=2)
+            return base
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError("cria never listened")
+
+
+def _stop_unhealthy() -> None:
+    while _unhealthy:
+        proc = _unhealthy.pop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_full_queue_is_429_and_queued_disconnect_is_dropped(small_server: Server) -> None:
