@@ -14,9 +14,12 @@ import asyncio
 import enum
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from cria.engine.llama import Batch, DecodeResult, LlamaContext, LlamaModel, SamplerChain
 from cria.engine.sampling import sampler_recipe
@@ -89,6 +92,39 @@ class RequestStream:
 
 
 @dataclass(slots=True)
+class StepTiming:
+    """Where the engine's step time goes. `python` is everything outside llama_decode and
+    sampling: planning, batch filling, detokenizing, stop matching, hand-off."""
+
+    n_steps: int = 0
+    n_seq_steps: int = 0  # sequences summed over steps
+    busy_s: float = 0.0
+    decode_s: float = 0.0
+    sample_s: float = 0.0
+
+    def add_step(self, seconds: float, n_seqs: int) -> None:
+        self.n_steps += 1
+        self.n_seq_steps += n_seqs
+        self.busy_s += seconds
+
+    @property
+    def python_s(self) -> float:
+        return max(self.busy_s - self.decode_s - self.sample_s, 0.0)
+
+    @property
+    def python_us_per_step(self) -> float:
+        return 1e6 * self.python_s / self.n_steps if self.n_steps else 0.0
+
+    @property
+    def python_us_per_seq(self) -> float:
+        return 1e6 * self.python_s / self.n_seq_steps if self.n_seq_steps else 0.0
+
+    @property
+    def python_share(self) -> float:
+        return self.python_s / self.busy_s if self.busy_s else 0.0
+
+
+@dataclass(slots=True)
 class _Seq:
     """Engine-private state of one running request."""
 
@@ -133,6 +169,9 @@ class Engine:
         self._ctx: LlamaContext | None = None
         self._batch: Batch | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Delta | CriaError]]] = {}
+        self._by_slot: dict[int, _Seq] = {}
+        self._eog_ids: list[int] = []
+        self._timing = StepTiming()
         self._n_steps = 0
         self._max_seqs_per_step = 0
         self._ready = threading.Event()
@@ -228,7 +267,11 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._cond:
             n_waiting = self._n_queued
+        timing = self._timing
         return EngineStats(
+            python_us_per_step=timing.python_us_per_step,
+            python_us_per_seq=timing.python_us_per_seq,
+            python_share=timing.python_share,
             n_steps=self._n_steps,
             max_seqs_per_step=self._max_seqs_per_step,
             n_running=len(self._running),
@@ -256,6 +299,7 @@ class Engine:
                 n_threads=self.config.n_threads,
             )
             self._batch = Batch(self.config.n_batch)
+            self._eog_ids = [t for t in range(self.model.n_vocab) if self.model.is_eog(t)]
         except Exception as exc:
             log.error("the engine could not start: %s", exc)
             self._failure = str(exc)
@@ -333,6 +377,7 @@ class Engine:
 
     def step(self) -> None:
         """One engine step: admit, plan, decode, postprocess."""
+        started = time.perf_counter()
         self._admit()
         plan = plan_step(
             [SeqState(s.slot.id, s.n_prompt_left) for s in self._running if s.slot is not None],
@@ -343,6 +388,8 @@ class Engine:
             if sampled:
                 self._postprocess(sampled)
         self._flush()
+        if not plan.is_empty:
+            self._timing.add_step(time.perf_counter() - started, len(plan.decodes) + len(plan.prefills))
 
     def _admit(self) -> None:
         assert self._ctx is not None and self.model is not None
@@ -358,11 +405,13 @@ class Engine:
                 n_reuse = 0
             seq.slot = self._slots.acquire(slot_id, n_reuse)
             seq.n_cached = n_reuse
+            params = seq.req.sampling
+            is_plain_greedy = params.is_greedy and not params.has_penalties and not params.logit_bias
             try:
-                seq.sampler = SamplerChain(
+                seq.sampler = None if is_plain_greedy else SamplerChain(
                     sampler_recipe(
                         seq.req.sampling,
-                        banned=self._eog_tokens() if seq.req.ignore_eos else (),
+                        banned=self._eog_ids if seq.req.ignore_eos else (),
                     ),
                     n_vocab=self.model.n_vocab,
                 )
@@ -372,40 +421,39 @@ class Engine:
                 continue
             seq.stops = StopMatcher(seq.req.stop)
             self._running.append(seq)
-
-    def _eog_tokens(self) -> list[int]:
-        assert self.model is not None
-        return [t for t in range(self.model.n_vocab) if self.model.is_eog(t)]
+            self._by_slot[slot_id] = seq
 
     def _decode(self, plan: StepPlan) -> list[tuple[_Seq, int]]:
         """Fill the batch from the plan and run one llama_decode. Returns the sequences to
-        sample, each with its logits index in the batch."""
+        sample, each with its output row in the step's logits."""
         assert self._ctx is not None and self._batch is not None
-        by_slot = {s.slot.id: s for s in self._running if s.slot is not None}
+        by_slot = self._by_slot
         batch = self._batch
         batch.clear()
         to_sample: list[tuple[_Seq, int]] = []
-        fed: list[tuple[_Seq, list[int]]] = []
-        for slot_id in plan.decodes:
-            seq = by_slot[slot_id]
-            assert seq.slot is not None and seq.pending is not None
-            index = batch.add(seq.pending, len(seq.slot.cached), slot_id, logits=True)
-            to_sample.append((seq, index))
-            fed.append((seq, [seq.pending]))
+        fed: list[tuple[_Seq, Sequence[int]]] = []
+        if plan.decodes:
+            seqs = [by_slot[slot_id] for slot_id in plan.decodes]
+            tokens = [s.pending for s in seqs]
+            positions = [len(s.slot.cached) for s in seqs]  # type: ignore[union-attr]
+            row = batch.add_decodes(tokens, positions, plan.decodes)  # type: ignore[arg-type]
+            for k, seq in enumerate(seqs):
+                to_sample.append((seq, row + k))
+                fed.append((seq, (seq.pending,)))  # type: ignore[arg-type]
         for chunk in plan.prefills:
             seq = by_slot[chunk.slot_id]
             assert seq.slot is not None
             start = len(seq.slot.cached)
-            tokens = list(seq.req.prompt[start : start + chunk.n_tokens])
-            for offset, token in enumerate(tokens):
-                is_last = chunk.is_last and offset == len(tokens) - 1
-                index = batch.add(token, start + offset, chunk.slot_id, logits=is_last)
-            if chunk.is_last:
-                to_sample.append((seq, index))
-            fed.append((seq, tokens))
+            tokens_chunk = seq.req.prompt[start : start + chunk.n_tokens]
+            out_row = batch.add_run(tokens_chunk, start, chunk.slot_id, logits_last=chunk.is_last)
+            if out_row is not None:
+                to_sample.append((seq, out_row))
+            fed.append((seq, tokens_chunk))
         self._n_steps += 1
         self._max_seqs_per_step = max(self._max_seqs_per_step, len(fed))
+        t0 = time.perf_counter()
         result = self._ctx.decode(batch)
+        self._timing.decode_s += time.perf_counter() - t0
         if result is not DecodeResult.OK:
             message = {
                 DecodeResult.NO_KV_SLOT: "llama.cpp found no room in the KV cache for this step",
@@ -417,19 +465,45 @@ class Engine:
                 self._slots.forget(seq.slot.id)
                 self._fail(seq, EngineFailure(message))
             return []
-        for seq, tokens in fed:
-            assert seq.slot is not None
-            seq.slot.cached.extend(tokens)
+        for seq, fed_tokens in fed:
+            seq.slot.cached.extend(fed_tokens)  # type: ignore[union-attr]
             seq.pending = None
         return to_sample
+
+    def _sample(self, sampled: list[tuple[_Seq, int]]) -> list[int]:
+        """One token per sequence. Plain greedy rows are an argmax over the step's logits in
+        one numpy call; the rest run their llama.cpp sampler chain."""
+        assert self._ctx is not None and self.model is not None and self._batch is not None
+        t0 = time.perf_counter()
+        tokens = [0] * len(sampled)
+        greedy = [k for k, (seq, _row) in enumerate(sampled) if seq.sampler is None]
+        if greedy:
+            logits = self._ctx.logits(self._batch.n_outputs, self.model.n_vocab)
+            rows = logits[[sampled[k][1] for k in greedy]]
+            masked = [i for i, k in enumerate(greedy) if sampled[k][0].req.ignore_eos]
+            if masked:
+                rows[np.ix_(masked, self._eog_ids)] = -np.inf
+            for k, token in zip(greedy, rows.argmax(axis=1).tolist()):
+                tokens[k] = token
+        for k, (seq, row) in enumerate(sampled):
+            if seq.sampler is not None:
+                tokens[k] = seq.sampler.sample(self._ctx, row)
+        self._timing.sample_s += time.perf_counter() - t0
+        return tokens
 
     def _postprocess(self, sampled: list[tuple[_Seq, int]]) -> None:
         assert self._ctx is not None and self.model is not None
         model = self.model
-        for seq, index in sampled:
+        try:
+            tokens = self._sample(sampled)
+        except Exception as exc:
+            log.exception("sampling failed")
+            for seq, _row in sampled:
+                self._fail(seq, EngineFailure(f"sampling failed: {exc}"))
+            return
+        for (seq, _row), token in zip(sampled, tokens):
             try:
-                assert seq.sampler is not None and seq.stops is not None
-                token = seq.sampler.sample(self._ctx, index)
+                assert seq.stops is not None
                 if model.is_eog(token) and not seq.req.ignore_eos:
                     self._complete(seq, "", 0, FinishReason.STOP)
                     continue
@@ -444,8 +518,8 @@ class Engine:
                     if text:
                         self._emit(seq, Delta(text, 1))
             except Exception as exc:
-                log.exception("request %s failed while sampling", seq.req.id)
-                self._fail(seq, EngineFailure(f"sampling failed: {exc}"))
+                log.exception("request %s failed after sampling", seq.req.id)
+                self._fail(seq, EngineFailure(f"generation failed: {exc}"))
 
     def _complete(
         self, seq: _Seq, text: str, n_tokens: int, reason: FinishReason, *, flush: bool = True
@@ -471,6 +545,8 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
         if seq.slot is not None:
+            if self._by_slot.get(seq.slot.id) is seq:
+                del self._by_slot[seq.slot.id]
             self._slots.release(seq.slot.id)
         if seq.sampler is not None:
             seq.sampler.close()

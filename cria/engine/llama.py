@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from cria.engine.sampling import SamplerStep
 
@@ -137,31 +138,73 @@ class LlamaModel:
 
 
 class Batch:
-    """A reusable llama_batch of at most `capacity` tokens, one sequence id per token."""
+    """A reusable llama_batch of at most `capacity` tokens, one sequence id per token.
+
+    Its arrays are numpy buffers owned here (not llama_batch_init's), so a prompt chunk or all
+    of a step's decode tokens are written with one slice assignment instead of one ctypes call
+    per field per token.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self._token = np.zeros(capacity, dtype=np.int32)
+        self._pos = np.zeros(capacity, dtype=np.int32)
+        self._n_seq_id = np.ones(capacity, dtype=np.int32)
+        self._seq = np.zeros(capacity, dtype=np.int32)
+        self._logits = np.zeros(capacity, dtype=np.int8)
+        seq_base = self._seq.ctypes.data
+        seq_ptr_t = ctypes.POINTER(llama_cpp.llama_seq_id)
+        self._seq_ptrs = (seq_ptr_t * capacity)(
+            *(ctypes.cast(seq_base + 4 * i, seq_ptr_t) for i in range(capacity))
+        )
+        b: Any = llama_cpp.llama_batch()
+        b.n_tokens = 0
+        b.token = self._token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        b.embd = ctypes.POINTER(ctypes.c_float)()
+        b.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        b.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(seq_ptr_t))
+        b.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._batch = b
         self.n_tokens = 0
+        self.n_outputs = 0  # tokens whose logits are computed; their rows are in batch order
 
     def clear(self) -> None:
         self.n_tokens = 0
+        self.n_outputs = 0
 
-    def add(self, token: int, pos: int, seq: int, *, logits: bool) -> int:
-        """Append one token; returns its index in the batch (the index to sample logits at)."""
-        i = self.n_tokens
-        assert i < self.capacity, "batch overflow"
-        b = self._batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq
-        b.logits[i] = logits
-        self.n_tokens = i + 1
-        return i
+    def add_decodes(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int]) -> int:
+        """Append one token per sequence, all with logits. Returns the first output row."""
+        i, n = self.n_tokens, len(tokens)
+        assert i + n <= self.capacity, "batch overflow"
+        self._token[i : i + n] = tokens
+        self._pos[i : i + n] = positions
+        self._seq[i : i + n] = seqs
+        self._logits[i : i + n] = 1
+        self.n_tokens = i + n
+        row = self.n_outputs
+        self.n_outputs += n
+        return row
+
+    def add_run(self, tokens: Sequence[int], start_pos: int, seq: int, *, logits_last: bool) -> int | None:
+        """Append consecutive tokens of one sequence (a prompt chunk). Returns the output row
+        of its last token when `logits_last`, else None."""
+        i, n = self.n_tokens, len(tokens)
+        assert i + n <= self.capacity, "batch overflow"
+        self._token[i : i + n] = tokens
+        self._pos[i : i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        self._seq[i : i + n] = seq
+        self._logits[i : i + n] = 0
+        self.n_tokens = i + n
+        if not logits_last:
+            return None
+        self._logits[i + n - 1] = 1
+        row = self.n_outputs
+        self.n_outputs += 1
+        return row
 
     def close(self) -> None:
-        llama_cpp.llama_batch_free(self._batch)
+        """Nothing to free in C: the arrays belong to this object."""
 
 
 class DecodeResult(enum.Enum):
@@ -194,6 +237,7 @@ class LlamaContext:
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
         self.n_ctx_per_seq = n_ctx_per_seq
+        self.n_outputs = 0
 
     @property
     def ptr(self) -> Any:
@@ -202,6 +246,7 @@ class LlamaContext:
     def decode(self, batch: Batch) -> DecodeResult:
         b = batch._batch  # both classes are this module's
         b.n_tokens = batch.n_tokens
+        self.n_outputs = batch.n_outputs
         ret = int(llama_cpp.llama_decode(self._ctx, b))
         if ret == 0:
             return DecodeResult.OK
@@ -211,6 +256,12 @@ class LlamaContext:
             return DecodeResult.ABORTED
         log.error("llama_decode returned %d", ret)
         return DecodeResult.FAILED
+
+    def logits(self, n_outputs: int, n_vocab: int) -> np.ndarray:
+        """The last decode's logits: a (n_outputs, n_vocab) view, rows in batch order. Valid
+        until the next decode."""
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, n_vocab))
 
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
         """Drop positions [p0, p1) of a sequence (p1 = -1: to the end)."""
@@ -260,9 +311,10 @@ class SamplerChain:
             )
         raise ValueError(f"unknown sampler step {step.kind!r}")
 
-    def sample(self, ctx: LlamaContext, index: int) -> int:
-        """Sample (and accept) a token from the logits at batch index `index`."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx.ptr, index))
+    def sample(self, ctx: LlamaContext, row: int) -> int:
+        """Sample (and accept) a token from output row `row` of the last decode (llama.cpp
+        reads a negative index as counting outputs from the end)."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, ctx.ptr, row - ctx.n_outputs))
 
     def close(self) -> None:
         if self._chain:

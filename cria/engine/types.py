@@ -77,3 +77,6 @@ class EngineStats:
     n_running: int
     n_waiting: int
     n_slots: int
+    python_us_per_step: float = 0.0  # engine time outside llama_decode and sampling, per step
+    python_us_per_seq: float = 0.0  # ... per sequence per step
+    python_share: float = 0.0  # ... as a share of the step
