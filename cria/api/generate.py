@@ -51,6 +51,11 @@ def submit_all(engine: Engine, requests: Sequence[GenerationRequest]) -> list[Re
     return streams
 
 
+def close_all(streams: Sequence[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
 @dataclass(slots=True)
 class ChoiceResult:
     text: str

@@ -61,10 +61,10 @@ class RequestStream:
     def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
         self.request_id = request_id
         self._abort = abort
-        self._queue: asyncio.Queue[Delta | CriaError] = asyncio.Queue()
+        self._queue: asyncio.Queue[Delta | CriaError | None] = asyncio.Queue()
         self._is_finished = False
 
-    def put(self, item: Delta | CriaError) -> None:
+    def put(self, item: Delta | CriaError | None) -> None:
         """Called on the event loop (the engine hands items over with call_soon_threadsafe)."""
         self._queue.put_nowait(item)
 
@@ -75,6 +75,9 @@ class RequestStream:
         if self._is_finished:
             raise StopAsyncIteration
         item = await self._queue.get()
+        if item is None or self._is_finished:  # closed while we waited
+            self._is_finished = True
+            raise StopAsyncIteration
         if isinstance(item, CriaError):
             self._is_finished = True
             raise item
@@ -83,9 +86,11 @@ class RequestStream:
         return item
 
     def close(self) -> None:
+        """Abort the request if it is still running; a reader waiting on it stops."""
         if not self._is_finished:
             self._is_finished = True
             self._abort(self.request_id)
+            self._queue.put_nowait(None)
 
     async def aclose(self) -> None:
         self.close()
@@ -479,9 +484,14 @@ class Engine:
         greedy = [k for k, (seq, _row) in enumerate(sampled) if seq.sampler is None]
         if greedy:
             logits = self._ctx.logits(self._batch.n_outputs, self.model.n_vocab)
-            rows = logits[[sampled[k][1] for k in greedy]]
+            row_ids = [sampled[k][1] for k in greedy]
+            first = row_ids[0]
+            if row_ids == list(range(first, first + len(row_ids))):
+                rows = logits[first : first + len(row_ids)]  # a view: no copy of the logits
+            else:
+                rows = logits[row_ids]
             masked = [i for i, k in enumerate(greedy) if sampled[k][0].req.ignore_eos]
-            if masked:
+            if masked:  # the logits are ours until the next decode: mask end-of-generation in place
                 rows[np.ix_(masked, self._eog_ids)] = -np.inf
             for k, token in zip(greedy, rows.argmax(axis=1).tolist()):
                 tokens[k] = token

@@ -11,9 +11,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cria.api import protocol
-from cria.api.generate import collect, merge, new_id, sampling_from, submit_all, sum_usage
+from cria.api.generate import (
+    close_all,
+    collect,
+    merge,
+    new_id,
+    sampling_from,
+    submit_all,
+    sum_usage,
+)
 from cria.api.lifecycle import ClientGone, read_json, unless_disconnected
-from cria.api.sse import sse_response
+from cria.api.sse import SSEResponse
 from cria.api.state import AppState, state_of
 from cria.engine.types import GenerationRequest, Usage
 from cria.errors import InvalidRequest
@@ -127,7 +135,7 @@ async def create_chat_completion(request: Request) -> Response:
             if include_usage:
                 yield chunk([], sum_usage([len(tokens)], usages))
 
-        return sse_response(request, events())
+        return SSEResponse(events(), on_disconnect=lambda: close_all(streams))
 
     try:
         results = await unless_disconnected(request, collect(streams))
