@@ -78,7 +78,13 @@ LOAD_METRICS: list[tuple[str, str, bool]] = [
     ("errors", "errors", False),
 ]
 # Also kept (medians) but not ratioed: they say whether a run is comparable at all.
-EXTRA_METRICS = ["wall_s", "completed", "requests_not_max_tokens", "usage_missing", "mean_prompt_tokens"]
+EXTRA_METRICS = [
+    "wall_s",
+    "completed",
+    "requests_not_max_tokens",
+    "usage_missing",
+    "mean_prompt_tokens",
+]
 
 
 def log(msg: str) -> None:
@@ -96,30 +102,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrency levels")
-    p.add_argument("--requests-per-stream", type=int, default=2,
-                   help="requests per concurrent stream (N = c x this, at least 4)")
+    p.add_argument(
+        "--requests-per-stream",
+        type=int,
+        default=2,
+        help="requests per concurrent stream (N = c x this, at least 4)",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument("--out", default=str(BENCH / "out"), help="output folder")
     p.add_argument("--model", default=None, help="GGUF path (default: Cria's bundled model)")
     p.add_argument("--threads", type=int, default=2, help="compute threads for every server")
     p.add_argument("--parallel", type=int, default=8, help="slots (Cria, llama-server)")
-    p.add_argument("--servers", default=",".join(SERVERS),
-                   help="comma-separated subset of: " + ", ".join(SERVERS))
-    p.add_argument("--llama-bin", default=None,
-                   help=f"folder with llama-server and llama-batched-bench (default: {DEFAULT_LLAMA_DIR}/bin, "
-                   "built by build_llama_server.sh if missing)")
-    p.add_argument("--peers-venv", default=str(BENCH / ".peers-venv"),
-                   help="virtualenv with llama-cpp-python[server] (created if missing)")
+    p.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help="comma-separated subset of: " + ", ".join(SERVERS),
+    )
+    p.add_argument(
+        "--llama-bin",
+        default=None,
+        help=f"folder with llama-server and llama-batched-bench (default: {DEFAULT_LLAMA_DIR}/bin, "
+        "built by build_llama_server.sh if missing)",
+    )
+    p.add_argument(
+        "--peers-venv",
+        default=str(BENCH / ".peers-venv"),
+        help="virtualenv with llama-cpp-python[server] (created if missing)",
+    )
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to become healthy")
-    p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one load run may take")
-    p.add_argument("--serial-cap", type=float, default=600.0,
-                   help="llama-cpp-python serialises requests: skip a run of it whose estimated "
-                   "duration (from its previous run) is over this many seconds, and stop one at "
-                   "1.5x this")
-    p.add_argument("--no-ban-eog-peer", action="store_true",
-                   help="do not send logit_bias against end-of-generation tokens to "
-                   "llama-cpp-python (it ignores `ignore_eos`, so it may stop before max_tokens)")
+    p.add_argument(
+        "--run-timeout", type=float, default=1800.0, help="seconds one load run may take"
+    )
+    p.add_argument(
+        "--serial-cap",
+        type=float,
+        default=600.0,
+        help="llama-cpp-python serialises requests: skip a run of it whose estimated "
+        "duration (from its previous run) is over this many seconds, and stop one at "
+        "1.5x this",
+    )
+    p.add_argument(
+        "--no-ban-eog-peer",
+        action="store_true",
+        help="do not send logit_bias against end-of-generation tokens to "
+        "llama-cpp-python (it ignores `ignore_eos`, so it may stop before max_tokens)",
+    )
     p.add_argument("--no-batched-bench", action="store_true", help="skip llama-batched-bench")
     p.add_argument("--batched-bench-timeout", type=float, default=900.0)
     args = p.parse_args(argv)
@@ -145,8 +173,15 @@ def main_python() -> str:
 
 def default_model() -> str:
     out = subprocess.run(
-        [main_python(), "-c", "from cria.models.spec import bundled_model_path; print(bundled_model_path())"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        [
+            main_python(),
+            "-c",
+            "from cria.models.spec import bundled_model_path; print(bundled_model_path())",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     if out.returncode != 0 or not out.stdout.strip():
         raise SystemExit(f"cannot locate the bundled model: {out.stderr.strip()[-500:]}")
@@ -185,7 +220,9 @@ def ensure_peers_venv(args: argparse.Namespace, notes: list[str]) -> Path | None
         subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True, text=True)
         subprocess.run(
             [str(py), "-m", "pip", "install", "-q", f"llama-cpp-python[server]=={LCP_VERSION}"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
     except subprocess.CalledProcessError as exc:
         notes.append(f"could not create {venv}: {(exc.stderr or '')[-800:]}")
@@ -196,7 +233,8 @@ def ensure_peers_venv(args: argparse.Namespace, notes: list[str]) -> Path | None
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def tokenizer_facts(model: str) -> dict[str, Any]:
@@ -218,7 +256,8 @@ print(json.dumps({"prompt_tokens": counts, "eog_ids": eog, "n_vocab": n}))
     )
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip()[-800:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    facts: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return facts
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +274,9 @@ def _cmd(argv: list[str], timeout: float = 60, env: dict[str, str] | None = None
     return text or None
 
 
-def machine_info(args: argparse.Namespace, llama_bin: Path | None, peers_py: Path | None) -> dict[str, Any]:
+def machine_info(
+    args: argparse.Namespace, llama_bin: Path | None, peers_py: Path | None
+) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hostname": platform.node(),
@@ -249,15 +290,24 @@ def machine_info(args: argparse.Namespace, llama_bin: Path | None, peers_py: Pat
             if line.lower().startswith("model name"):
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-        info["cpu_simd"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c") if f" {f}" in flags]
+        flags = next(
+            (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")),
+            "",
+        )
+        info["cpu_simd"] = [
+            f
+            for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c")
+            if f" {f}" in flags
+        ]
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 info["mem_total_mib"] = round(int(line.split()[1]) / 1024)
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         info["cria_version"] = importlib.metadata.version("cria")
-    info["cria_git"] = _cmd(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"])
+    info["cria_git"] = _cmd(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"]
+    )
     lcp = _cmd([main_python(), "-c", "import llama_cpp; print(llama_cpp.__version__)"])
     info["llama_cpp_python_main_venv"] = lcp.splitlines()[-1] if lcp else None
     if peers_py:
@@ -270,7 +320,10 @@ def machine_info(args: argparse.Namespace, llama_bin: Path | None, peers_py: Pat
         if m:
             info["llama_cpp_commit_sdist_changelog"] = m.group(1)
     with contextlib.suppress(OSError):
-        m = re.search(r'LLAMA_COMMIT = "([^"]+)"', (DEFAULT_LLAMA_DIR / "build" / "common" / "build-info.cpp").read_text())
+        m = re.search(
+            r'LLAMA_COMMIT = "([^"]+)"',
+            (DEFAULT_LLAMA_DIR / "build" / "common" / "build-info.cpp").read_text(),
+        )
         if m:
             info["llama_cpp_commit_build_info"] = m.group(1)
     if llama_bin:
@@ -282,7 +335,9 @@ def machine_info(args: argparse.Namespace, llama_bin: Path | None, peers_py: Pat
 
 def llama_env(llama_bin: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = str(llama_bin) + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    env["LD_LIBRARY_PATH"] = str(llama_bin) + (
+        ":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else ""
+    )
     return env
 
 
@@ -315,6 +370,58 @@ def read_mem_kib(pid: int) -> dict[str, int]:
     return total
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = f[3] + (f[4] if len(f) > 4 else 0)
+        total = sum(f[:8])
+        return total - idle, total
+    return None
+
+
+def _tree_jiffies(pid: int | None) -> int:
+    """utime + stime of a process tree plus this process (the load generator)."""
+    t = os.times()
+    n = round((t.user + t.system) * _CLK_TCK)
+    for p in proc_tree(pid) if pid else []:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            n += int(f[11]) + int(f[12])
+    return n
+
+
+class ForeignCpu:
+    """How many cores processes other than ours kept busy (machine busy - server tree - us)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid
+
+    def __enter__(self) -> ForeignCpu:
+        self.t0, self.m0, self.o0 = time.perf_counter(), _cpu_jiffies(), _tree_jiffies(self.pid)
+        return self
+
+    def stop(self) -> float | None:
+        dt = time.perf_counter() - self.t0
+        m1, o1 = _cpu_jiffies(), _tree_jiffies(self.pid)
+        if not self.m0 or not m1 or dt <= 0:
+            return None
+        busy = (m1[0] - self.m0[0]) - (o1 - self.o0)
+        return round(max(0.0, busy / _CLK_TCK / dt), 2)
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def foreign_cores_now(seconds: float = 1.0) -> float | None:
+    with ForeignCpu() as f:
+        time.sleep(seconds)
+    return f.stop()
+
+
 class MemSampler:
     """Samples VmRSS of a process tree in a thread; keeps the peak."""
 
@@ -329,7 +436,7 @@ class MemSampler:
             self.peak_kib = max(self.peak_kib, read_mem_kib(self.pid)["VmRSS"])
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MemSampler":
+    def __enter__(self) -> MemSampler:
         self._thread.start()
         return self
 
@@ -340,8 +447,15 @@ class MemSampler:
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str], port: int, health_path: str,
-                 log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        health_path: str,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name, self.argv, self.port, self.health_path = name, argv, port, health_path
         self.log_path, self.env = log_path, env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -358,8 +472,13 @@ class Server:
         self._log.flush()
         # A session of its own, so stopping it also stops anything it spawned (by its pgid).
         self.proc = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env, cwd=REPO, start_new_session=True,
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=REPO,
+            start_new_session=True,
         )
         _LIVE.add(self)
 
@@ -370,13 +489,17 @@ class Server:
         with httpx.Client(timeout=5.0) as c:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"exited with code {self.proc.returncode} before becoming healthy "
-                                       f"(log: {self.log_path})\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"exited with code {self.proc.returncode} before becoming healthy "
+                        f"(log: {self.log_path})\n{self.log_tail()}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if c.get(url).status_code == 200:
                         return time.perf_counter() - t0
                 if time.perf_counter() - t0 > timeout:
-                    raise RuntimeError(f"not healthy after {timeout:.0f} s (log: {self.log_path})\n{self.log_tail()}")
+                    raise RuntimeError(
+                        f"not healthy after {timeout:.0f} s (log: {self.log_path})\n{self.log_tail()}"
+                    )
                 time.sleep(0.25)
 
     def model_id(self) -> str:
@@ -416,6 +539,7 @@ class Server:
 
 
 _LIVE: set[Server] = set()
+BUSY_WARN = 0.2  # cores kept busy by other processes, above which a warning is recorded
 
 
 def stop_all() -> None:
@@ -424,31 +548,81 @@ def stop_all() -> None:
             s.stop()
 
 
-def make_server(name: str, args: argparse.Namespace, rnd: int, llama_bin: Path | None,
-                peers_py: Path | None, log_dir: Path) -> Server:
+def make_server(
+    name: str,
+    args: argparse.Namespace,
+    rnd: int,
+    llama_bin: Path | None,
+    peers_py: Path | None,
+    log_dir: Path,
+) -> Server:
     port = free_port()
     log_path = log_dir / f"{name}-round{rnd}.log"
     t = str(args.threads)
     if name == "cria":
-        argv = [main_python(), "-m", "cria", "--host", "127.0.0.1", "--port", str(port),
-                "--threads", t, "--parallel", str(args.parallel), "--context-size", "2048",
-                "--model", args.model]
+        argv = [
+            main_python(),
+            "-m",
+            "cria",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            t,
+            "--parallel",
+            str(args.parallel),
+            "--context-size",
+            "2048",
+            "--model",
+            args.model,
+        ]
         return Server(name, argv, port, "/health", log_path)
     if name == "llama-server":
         if llama_bin is None:
             raise RuntimeError("llama-server binary not available")
         # -c is the whole KV cache, shared by the slots: 8 x 2048 like Cria's --context-size.
-        argv = [str(llama_bin / "llama-server"), "-m", args.model, "--host", "127.0.0.1",
-                "--port", str(port), "-t", t, "-tb", t, "--parallel", str(args.parallel),
-                "-c", str(2048 * args.parallel)]
+        argv = [
+            str(llama_bin / "llama-server"),
+            "-m",
+            args.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            t,
+            "-tb",
+            t,
+            "--parallel",
+            str(args.parallel),
+            "-c",
+            str(2048 * args.parallel),
+        ]
         return Server(name, argv, port, "/health", log_path, env=llama_env(llama_bin))
     if name == "llama-cpp-python":
         if peers_py is None:
             raise RuntimeError("llama-cpp-python peers venv not available")
         # interrupt_requests defaults to True: a new request would cut off the one streaming.
-        argv = [str(peers_py), "-m", "llama_cpp.server", "--model", args.model,
-                "--host", "127.0.0.1", "--port", str(port), "--n_threads", t,
-                "--n_threads_batch", t, "--n_ctx", "2048", "--interrupt_requests", "False"]
+        argv = [
+            str(peers_py),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            args.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            t,
+            "--n_threads_batch",
+            t,
+            "--n_ctx",
+            "2048",
+            "--interrupt_requests",
+            "False",
+        ]
         return Server(name, argv, port, "/v1/models", log_path)  # it has no /health
     raise ValueError(name)
 
@@ -469,12 +643,31 @@ def _body_with_extra(args: argparse.Namespace, prompt: str, max_tokens: int) -> 
 loadgen._body = _body_with_extra  # lets a server get extra request fields (llama-cpp-python)
 
 
-def loadgen_args(base_url: str, model: str, endpoint: str, *, concurrency: int = 1,
-                 requests: int = 4, max_tokens: int = 16, prefill: bool = False,
-                 extra_body: dict[str, Any] | None = None) -> argparse.Namespace:
-    argv = ["--base-url", base_url, "--model", model, "--endpoint", endpoint,
-            "--concurrency", str(concurrency), "--requests", str(requests),
-            "--max-tokens", str(max_tokens)]
+def loadgen_args(
+    base_url: str,
+    model: str,
+    endpoint: str,
+    *,
+    concurrency: int = 1,
+    requests: int = 4,
+    max_tokens: int = 16,
+    prefill: bool = False,
+    extra_body: dict[str, Any] | None = None,
+) -> argparse.Namespace:
+    argv = [
+        "--base-url",
+        base_url,
+        "--model",
+        model,
+        "--endpoint",
+        endpoint,
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(requests),
+        "--max-tokens",
+        str(max_tokens),
+    ]
     if prefill:
         argv.append("--prefill")
     a = loadgen.parse_args(argv)
@@ -482,22 +675,37 @@ def loadgen_args(base_url: str, model: str, endpoint: str, *, concurrency: int =
     return a
 
 
-def run_async(coro: Any, timeout: float) -> Any:
+def run_async(coro: Any, timeout: float) -> dict[str, Any]:
     async def go() -> Any:
         return await asyncio.wait_for(coro, timeout)
 
-    return asyncio.run(go())
+    out: dict[str, Any] = asyncio.run(go())
+    return out
 
 
-def load_run(server: Server, model_id: str, args: argparse.Namespace, c: int, n: int,
-             extra_body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-    la = loadgen_args(server.base_url, model_id, args.endpoint, concurrency=c, requests=n,
-                      max_tokens=args.max_tokens, extra_body=extra_body)
+def load_run(
+    server: Server,
+    model_id: str,
+    args: argparse.Namespace,
+    c: int,
+    n: int,
+    extra_body: dict[str, Any] | None,
+    timeout: float,
+) -> dict[str, Any]:
+    la = loadgen_args(
+        server.base_url,
+        model_id,
+        args.endpoint,
+        concurrency=c,
+        requests=n,
+        max_tokens=args.max_tokens,
+        extra_body=extra_body,
+    )
     t0 = time.perf_counter()
     try:
         summary = run_async(loadgen.run_load(la), timeout)
         summary["status"] = "ok"
-    except asyncio.TimeoutError:
+    except TimeoutError:
         summary = {"status": "failed", "run_error": f"timed out after {timeout:.0f} s"}
     except (Exception, SystemExit) as exc:  # loadgen raises SystemExit when warm-up fails
         summary = {"status": "failed", "run_error": f"{type(exc).__name__}: {exc}"[:1000]}
@@ -507,21 +715,32 @@ def load_run(server: Server, model_id: str, args: argparse.Namespace, c: int, n:
     return summary
 
 
-def prefill_run(server: Server, model_id: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+def prefill_run(
+    server: Server, model_id: str, args: argparse.Namespace, timeout: float
+) -> dict[str, Any]:
     la = loadgen_args(server.base_url, model_id, args.endpoint, prefill=True)
     try:
         out = run_async(loadgen.run_prefill(la), timeout)
         out["status"] = "ok"
         return out
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return {"status": "failed", "run_error": f"timed out after {timeout:.0f} s"}
     except (Exception, SystemExit) as exc:
         return {"status": "failed", "run_error": f"{type(exc).__name__}: {exc}"[:1000]}
 
 
-def bench_server(name: str, args: argparse.Namespace, rnd: int, llama_bin: Path | None,
-                 peers_py: Path | None, log_dir: Path, eog_ids: list[int]) -> dict[str, Any]:
+def bench_server(
+    name: str,
+    args: argparse.Namespace,
+    rnd: int,
+    llama_bin: Path | None,
+    peers_py: Path | None,
+    log_dir: Path,
+    eog_ids: list[int],
+    sink: list[dict[str, Any]],
+) -> dict[str, Any]:
     rec: dict[str, Any] = {"server": name, "round": rnd, "status": "ok", "loads": {}, "notes": []}
+    sink.append(rec)  # there at once, so an interrupted run keeps what it measured
     try:
         server = make_server(name, args, rnd, llama_bin, peers_py, log_dir)
     except Exception as exc:
@@ -535,16 +754,27 @@ def bench_server(name: str, args: argparse.Namespace, rnd: int, llama_bin: Path 
         # generates max_tokens tokens, as it does on the other two servers.
         extra_body = {"logit_bias": {str(i): -1.0e4 for i in eog_ids}}
         rec["extra_body"] = extra_body
+    busy = foreign_cores_now()
+    rec["foreign_cores_before"] = busy
+    if busy is not None and busy > BUSY_WARN:
+        msg = (
+            f"round {rnd} {name}: other processes kept {busy:.2f} cores busy just before "
+            "the start; its figures are unreliable"
+        )
+        rec["notes"].append(msg)
+        log("WARNING: " + msg)
     try:
         log(f"round {rnd}: starting {name}")
         server.start()
+        proc = server.proc
+        assert proc is not None
         rec["startup_s"] = round(server.wait_healthy(args.startup_timeout), 2)
         rec["model_id"] = server.model_id()
-        rec["rss_idle_mib"] = round(read_mem_kib(server.proc.pid)["VmRSS"] / 1024, 1)
+        rec["rss_idle_mib"] = round(read_mem_kib(proc.pid)["VmRSS"] / 1024, 1)
         log(f"round {rnd}: {name} healthy in {rec['startup_s']} s, model id {rec['model_id']!r}")
         serial = name == "llama-cpp-python"
         prev: dict[str, Any] | None = None
-        with MemSampler(server.proc.pid) as mem:
+        with MemSampler(proc.pid) as mem, ForeignCpu(proc.pid) as foreign:
             for c in args.concurrency_levels:
                 n = max(4, c * args.requests_per_stream)
                 timeout = args.run_timeout
@@ -553,21 +783,29 @@ def bench_server(name: str, args: argparse.Namespace, rnd: int, llama_bin: Path 
                     if prev and prev.get("status") == "ok" and prev.get("requests_per_s"):
                         est = n / prev["requests_per_s"]
                         if est > args.serial_cap:
-                            msg = (f"c={c} skipped: estimated {est:.0f} s serialised "
-                                   f"(> --serial-cap {args.serial_cap:.0f} s)")
-                            rec["loads"][str(c)] = {"status": "skipped", "concurrency": c,
-                                                    "requests": n, "reason": msg}
+                            msg = (
+                                f"c={c} skipped: estimated {est:.0f} s serialised "
+                                f"(> --serial-cap {args.serial_cap:.0f} s)"
+                            )
+                            rec["loads"][str(c)] = {
+                                "status": "skipped",
+                                "concurrency": c,
+                                "requests": n,
+                                "reason": msg,
+                            }
                             rec["notes"].append(msg)
                             log(f"round {rnd}: {name} {msg}")
                             continue
-                if server.proc.poll() is not None:
-                    raise RuntimeError(f"server died (code {server.proc.returncode})\n{server.log_tail()}")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server died (code {proc.returncode})\n{server.log_tail()}")
                 log(f"round {rnd}: {name} c={c} n={n} max_tokens={args.max_tokens}")
                 s = load_run(server, rec["model_id"], args, c, n, extra_body, timeout)
                 rec["loads"][str(c)] = s
                 if s["status"] == "ok":
-                    log(f"round {rnd}: {name} c={c}: {s['aggregate_output_tok_s']} tok/s, "
-                        f"TTFT p50 {s['ttft_ms_p50']} ms, errors {s['errors']}, {s['wall_s']} s")
+                    log(
+                        f"round {rnd}: {name} c={c}: {s['aggregate_output_tok_s']} tok/s, "
+                        f"TTFT p50 {s['ttft_ms_p50']} ms, errors {s['errors']}, {s['wall_s']} s"
+                    )
                 else:
                     log(f"round {rnd}: {name} c={c} FAILED: {s['run_error']}")
                 prev = s
@@ -577,10 +815,21 @@ def bench_server(name: str, args: argparse.Namespace, rnd: int, llama_bin: Path 
                 log(f"round {rnd}: {name} prefill {rec['prefill']['prompt_tok_s_median']} tok/s")
             else:
                 log(f"round {rnd}: {name} prefill FAILED: {rec['prefill']['run_error']}")
-            hwm = read_mem_kib(server.proc.pid)["VmHWM"]
+            hwm = read_mem_kib(proc.pid)["VmHWM"]
+            rec["foreign_cores_during"] = foreign.stop()
+            if (rec["foreign_cores_during"] or 0) > BUSY_WARN:
+                msg = (
+                    f"round {rnd} {name}: other processes kept {rec['foreign_cores_during']:.2f} "
+                    "cores busy (on average) during its runs; its figures are unreliable"
+                )
+                rec["notes"].append(msg)
+                log("WARNING: " + msg)
         rec["rss_peak_sampled_mib"] = round(mem.peak_kib / 1024, 1)
         rec["vmhwm_mib"] = round(hwm / 1024, 1)
         rec["peak_rss_mib"] = round(max(hwm, mem.peak_kib) / 1024, 1)
+    except KeyboardInterrupt:
+        rec["status"] = "interrupted"
+        raise
     except Exception as exc:
         rec.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         log(f"round {rnd}: {name} FAILED: {exc}")
@@ -619,17 +868,45 @@ def parse_batched_bench(text: str) -> list[dict[str, float]]:
     return rows
 
 
-def run_batched_bench(args: argparse.Namespace, llama_bin: Path, npp: int, log_dir: Path) -> dict[str, Any]:
+def run_batched_bench(
+    args: argparse.Namespace, llama_bin: Path, npp: int, log_dir: Path
+) -> dict[str, Any]:
     npl = args.concurrency_levels
     ctx = max(16384, max(npl) * (npp + args.max_tokens) + 64)
-    argv = [str(llama_bin / "llama-batched-bench"), "-m", args.model, "-c", str(ctx), "-b", "2048",
-            "-ub", "512", "-npp", str(npp), "-ntg", str(args.max_tokens),
-            "-npl", ",".join(map(str, npl)), "-t", str(args.threads)]
+    argv = [
+        str(llama_bin / "llama-batched-bench"),
+        "-m",
+        args.model,
+        "-c",
+        str(ctx),
+        "-b",
+        "2048",
+        "-ub",
+        "512",
+        "-npp",
+        str(npp),
+        "-ntg",
+        str(args.max_tokens),
+        "-npl",
+        ",".join(map(str, npl)),
+        "-t",
+        str(args.threads),
+    ]
     rec: dict[str, Any] = {"argv": argv, "npp": npp, "ntg": args.max_tokens, "status": "ok"}
+    rec["foreign_cores_before"] = busy = foreign_cores_now()
+    if busy is not None and busy > BUSY_WARN:
+        rec["note"] = f"other processes kept {busy:.2f} cores busy just before it: unreliable"
+        log("WARNING: llama-batched-bench: " + rec["note"])
     log("llama-batched-bench: " + " ".join(argv[1:]))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=llama_env(llama_bin), start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=llama_env(llama_bin),
+        start_new_session=True,
+    )
     _BG.add(proc)
     try:
         out, err = proc.communicate(timeout=args.batched_bench_timeout)
@@ -675,7 +952,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
-def aggregate(args: argparse.Namespace, rounds: list[dict[str, Any]], ceiling: dict[str, Any] | None) -> dict[str, Any]:
+def aggregate(
+    args: argparse.Namespace, rounds: list[dict[str, Any]], ceiling: dict[str, Any] | None
+) -> dict[str, Any]:
     med: dict[str, Any] = {}
     for name in args.server_list:
         recs = [r for r in rounds if r["server"] == name]
@@ -692,8 +971,12 @@ def aggregate(args: argparse.Namespace, rounds: list[dict[str, Any]], ceiling: d
         pre = [r.get("prefill") or {} for r in recs]
         med[name] = {
             "load": per_c,
-            "prefill_tok_s": median([p.get("prompt_tok_s_median") for p in pre if p.get("status") == "ok"]),
-            "prefill_prompt_tokens": median([p.get("prompt_tokens_median") for p in pre if p.get("status") == "ok"]),
+            "prefill_tok_s": median(
+                [p.get("prompt_tok_s_median") for p in pre if p.get("status") == "ok"]
+            ),
+            "prefill_prompt_tokens": median(
+                [p.get("prompt_tokens_median") for p in pre if p.get("status") == "ok"]
+            ),
             "peak_rss_mib": median([r.get("peak_rss_mib") for r in recs]),
             "rss_idle_mib": median([r.get("rss_idle_mib") for r in recs]),
             "startup_s": median([r.get("startup_s") for r in recs]),
@@ -714,8 +997,10 @@ def aggregate(args: argparse.Namespace, rounds: list[dict[str, Any]], ceiling: d
             ratios[f"cria/{peer}"] = rp
         if ceiling and ceiling.get("s_tg_tok_s"):
             ratios["cria/batched-bench S_TG"] = {
-                str(c): ratio(med["cria"]["load"][str(c)]["aggregate_output_tok_s"],
-                              ceiling["s_tg_tok_s"].get(str(c)))
+                str(c): ratio(
+                    med["cria"]["load"][str(c)]["aggregate_output_tok_s"],
+                    ceiling["s_tg_tok_s"].get(str(c)),
+                )
                 for c in args.concurrency_levels
             }
     return {"medians": med, "ratios": ratios}
@@ -731,19 +1016,27 @@ def fmt(x: Any, nd: int = 2) -> str:
     return str(x)
 
 
-def render_table(args: argparse.Namespace, agg: dict[str, Any], ceiling: dict[str, Any] | None,
-                 rounds: list[dict[str, Any]]) -> str:
+def render_table(
+    args: argparse.Namespace,
+    agg: dict[str, Any],
+    ceiling: dict[str, Any] | None,
+    rounds: list[dict[str, Any]],
+) -> str:
     med, rat = agg["medians"], agg["ratios"]
     names = list(med)
     peers = [p for p in PEERS if p in med and "cria" in med]
-    cols = [SHORT[n] for n in names] + [f"c/{'ls' if p == 'llama-server' else 'lcp'}" for p in peers]
+    cols = [SHORT[n] for n in names] + [
+        f"c/{'ls' if p == 'llama-server' else 'lcp'}" for p in peers
+    ]
     w0, w = 22, 13
     lines: list[str] = []
     head = f"{'':<{w0}}" + "".join(f"{c:>{w}}" for c in cols)
-    lines.append(f"Medians over {args.rounds} round(s); endpoint /{args.endpoint}, max_tokens "
-                 f"{args.max_tokens}, N = max(4, c x {args.requests_per_stream}); "
-                 f"c/ls = Cria/llama-server, c/lcp = Cria/llama-cpp-python "
-                 f"(latency, errors: < 1 is Cria better; tok/s, req/s: > 1)")
+    lines.append(
+        f"Medians over {args.rounds} round(s); endpoint /{args.endpoint}, max_tokens "
+        f"{args.max_tokens}, N = max(4, c x {args.requests_per_stream}); "
+        f"c/ls = Cria/llama-server, c/lcp = Cria/llama-cpp-python "
+        f"(latency, errors: < 1 is Cria better; tok/s, req/s: > 1)"
+    )
     for c in args.concurrency_levels:
         n = max(4, c * args.requests_per_stream)
         lines.append("")
@@ -761,7 +1054,9 @@ def render_table(args: argparse.Namespace, agg: dict[str, Any], ceiling: dict[st
             if d["rounds_failed"]:
                 notes.append(f"{SHORT[s]}: failed in {d['rounds_failed']} round(s)")
             if d.get("requests_not_max_tokens"):
-                notes.append(f"{SHORT[s]}: {d['requests_not_max_tokens']:g} request(s) short of max_tokens")
+                notes.append(
+                    f"{SHORT[s]}: {d['requests_not_max_tokens']:g} request(s) short of max_tokens"
+                )
         if notes:
             lines.append("  note: " + "; ".join(notes))
     lines.append("")
@@ -775,38 +1070,58 @@ def render_table(args: argparse.Namespace, agg: dict[str, Any], ceiling: dict[st
     if ceiling:
         lines.append("")
         if ceiling.get("status") == "ok":
-            lines.append(f"llama-batched-bench ceiling (npp {ceiling['npp']}, ntg {ceiling['ntg']}, "
-                         f"-t {args.threads}): S_TG t/s per batch size; Cria aggregate out tok/s / S_TG")
+            lines.append(
+                f"llama-batched-bench ceiling (npp {ceiling['npp']}, ntg {ceiling['ntg']}, "
+                f"-t {args.threads}): S_TG t/s per batch size; Cria aggregate out tok/s / S_TG"
+            )
             lines.append(f"{'B':>6}{'S_TG t/s':>12}{'S t/s':>12}{'cria agg':>12}{'cria/S_TG':>12}")
             for c in args.concurrency_levels:
-                cr = med.get("cria", {}).get("load", {}).get(str(c), {}).get("aggregate_output_tok_s")
+                cr = (
+                    med.get("cria", {})
+                    .get("load", {})
+                    .get(str(c), {})
+                    .get("aggregate_output_tok_s")
+                )
                 stg = ceiling["s_tg_tok_s"].get(str(c))
-                lines.append(f"{c:>6}{fmt(stg):>12}{fmt(ceiling['s_tok_s'].get(str(c))):>12}"
-                             f"{fmt(cr):>12}{fmt(ratio(cr, stg)):>12}")
+                lines.append(
+                    f"{c:>6}{fmt(stg):>12}{fmt(ceiling['s_tok_s'].get(str(c))):>12}"
+                    f"{fmt(cr):>12}{fmt(ratio(cr, stg)):>12}"
+                )
         else:
             lines.append(f"llama-batched-bench FAILED: {ceiling.get('error')}")
     problems = []
     for r in rounds:
         if r["status"] != "ok":
-            problems.append(f"round {r['round']} {r['server']}: {r.get('error', '').splitlines()[0] if r.get('error') else ''}")
+            first = (r.get("error") or "").splitlines()[:1]
+            problems.append(f"round {r['round']} {r['server']}: {r['status']}: {''.join(first)}")
         for c, s in r["loads"].items():
             if s.get("status") == "failed":
                 problems.append(f"round {r['round']} {r['server']} c={c}: {s['run_error']}")
             elif s.get("errors"):
-                problems.append(f"round {r['round']} {r['server']} c={c}: {s['errors']} request error(s): "
-                                f"{'; '.join(s.get('error_samples') or [])[:300]}")
+                problems.append(
+                    f"round {r['round']} {r['server']} c={c}: {s['errors']} request error(s): "
+                    f"{'; '.join(s.get('error_samples') or [])[:300]}"
+                )
         p = r.get("prefill")
         if p and p.get("status") == "failed":
             problems.append(f"round {r['round']} {r['server']} prefill: {p['run_error']}")
+        problems.extend(r.get("notes") or [])
+    if ceiling and ceiling.get("note"):
+        problems.append("llama-batched-bench: " + ceiling["note"])
     if problems:
         lines.append("")
-        lines.append("problems:")
+        lines.append("notes and problems:")
         lines.extend("  " + x for x in problems)
     return "\n".join(lines)
 
 
-def plot(args: argparse.Namespace, agg: dict[str, Any], ceiling: dict[str, Any] | None,
-         path: Path, info: dict[str, Any]) -> str | None:
+def plot(
+    args: argparse.Namespace,
+    agg: dict[str, Any],
+    ceiling: dict[str, Any] | None,
+    path: Path,
+    info: dict[str, Any],
+) -> str | None:
     try:
         import matplotlib
 
@@ -816,8 +1131,11 @@ def plot(args: argparse.Namespace, agg: dict[str, Any], ceiling: dict[str, Any] 
         return "matplotlib is not installed (pip install -r bench/requirements.txt): no plot"
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = args.concurrency_levels
-    styles = {"cria": ("o-", "tab:blue"), "llama-server": ("s-", "tab:orange"),
-              "llama-cpp-python": ("^-", "tab:green")}
+    styles = {
+        "cria": ("o-", "tab:blue"),
+        "llama-server": ("s-", "tab:orange"),
+        "llama-cpp-python": ("^-", "tab:green"),
+    }
     for name, d in agg["medians"].items():
         ys = [d["load"][str(c)]["aggregate_output_tok_s"] for c in xs]
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
@@ -828,16 +1146,24 @@ def plot(args: argparse.Namespace, agg: dict[str, Any], ceiling: dict[str, Any] 
         pts = [(c, ceiling["s_tg_tok_s"].get(str(c))) for c in xs]
         pts = [(x, y) for x, y in pts if y is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", marker="x",
-                    label=f"llama-batched-bench S_TG (npp {ceiling['npp']})")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "k--",
+                marker="x",
+                label=f"llama-batched-bench S_TG (npp {ceiling['npp']})",
+            )
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate output tok/s (median over rounds)")
     ax.set_xticks(xs)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{Path(args.model).name}: {args.threads} threads, max_tokens {args.max_tokens}, "
-                 f"/{args.endpoint}\n{info.get('cpu_model', '')}, {info.get('nproc')} cores, "
-                 f"{args.rounds} round(s)", fontsize=9)
+    ax.set_title(
+        f"{Path(args.model).name}: {args.threads} threads, max_tokens {args.max_tokens}, "
+        f"/{args.endpoint}\n{info.get('cpu_model', '')}, {info.get('nproc')} cores, "
+        f"{args.rounds} round(s)",
+        fontsize=9,
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -860,6 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
     notes: list[str] = []
     if not args.model:
         args.model = default_model()
@@ -873,8 +1200,10 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("llama-server / llama-batched-bench unavailable: recorded as failed")
     peers_py = ensure_peers_venv(args, notes) if "llama-cpp-python" in args.server_list else None
     info = machine_info(args, llama_bin, peers_py)
-    log(f"machine: {info.get('cpu_model')}, {info.get('nproc')} cores; llama.cpp "
-        f"{info.get('llama_cpp_commit_sdist_changelog')}")
+    log(
+        f"machine: {info.get('cpu_model')}, {info.get('nproc')} cores; llama.cpp "
+        f"{info.get('llama_cpp_commit_sdist_changelog')}"
+    )
 
     try:
         tok = tokenizer_facts(args.model)
@@ -886,9 +1215,15 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items()},
         "machine": info,
-        "model": {"path": args.model, "size_mib": round(Path(args.model).stat().st_size / 2**20, 1)},
-        "prompts": {"tokens_per_prompt": tok["prompt_tokens"], "mean_tokens": raw_mean,
-                    "eog_ids": tok["eog_ids"]},
+        "model": {
+            "path": args.model,
+            "size_mib": round(Path(args.model).stat().st_size / 2**20, 1),
+        },
+        "prompts": {
+            "tokens_per_prompt": tok["prompt_tokens"],
+            "mean_tokens": raw_mean,
+            "eog_ids": tok["eog_ids"],
+        },
         "notes": notes,
         "rounds": [],
         "batched_bench": None,
@@ -900,7 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rnd in range(1, args.rounds + 1):
             for name in args.server_list:
-                rounds.append(bench_server(name, args, rnd, llama_bin, peers_py, log_dir, tok["eog_ids"]))
+                bench_server(name, args, rnd, llama_bin, peers_py, log_dir, tok["eog_ids"], rounds)
                 write_json(out_dir / "compare.json", result)  # partial results survive a crash
         if not args.no_batched_bench:
             if llama_bin is None:
@@ -915,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
             result["batched_bench"] = ceiling
     except KeyboardInterrupt as exc:
         interrupted = True
-        notes.append(f"interrupted ({exc or 'Ctrl-C'}): partial results")
+        notes.append(f"interrupted ({str(exc) or 'Ctrl-C'}): partial results")
         log("interrupted: stopping servers, writing partial results")
     finally:
         stop_all()
@@ -938,8 +1273,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nnotes:")
         for n in notes:
             print("  " + n)
-    print(f"\nwrote {out_dir / 'compare.json'}" + ("" if err else f", {png}") + f", logs in {log_dir}"
-          f" ({result['elapsed_s']:.0f} s)")
+    print(
+        f"\nwrote {out_dir / 'compare.json'}" + ("" if err else f", {png}") + f", logs in {log_dir}"
+        f" ({result['elapsed_s']:.0f} s)"
+    )
     return 130 if interrupted else 0
 
 
@@ -956,6 +1293,7 @@ def chat_prompt_mean(rounds: list[dict[str, Any]], raw: list[int]) -> float | No
 
 def write_json(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".compare-", suffix=".json")
+    os.chmod(tmp, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")

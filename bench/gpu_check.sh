@@ -47,3 +47,18 @@ for s in "${STREAMS[@]}"; do
 done
 $PY -c "import httpx,json; print(json.dumps(httpx.get('http://127.0.0.1:$PORT/health').json()))" > "$OUT/health.json" || true
 cat "$OUT/health.json"
+kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
+# Experiment: the same server with a shorter GIL switch interval (the engine thread and the event
+# loop share the GIL; at GPU step times the default 5 ms hand-over may delay steps).
+$PY -c "import sys; sys.setswitchinterval(0.0005); from cria.cli import main; sys.exit(main(sys.argv[1:]))" \
+  --model /tmp/m.gguf --use-gpu --gpu-layers $NGL --parallel 64 --context-size 1024 \
+  --host 127.0.0.1 --port $PORT --log-level warning > "$OUT/server-si.log" 2>&1 &
+SERVER=$!
+for i in $(seq 1 120); do
+  $PY -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && break
+  sleep 0.5
+done
+s=${STREAMS[-1]}
+$PY bench/loadgen.py --base-url http://127.0.0.1:$PORT/v1 --endpoint completions -c "$s" -n $((s * 2)) \
+  --max-tokens 128 --json "$OUT/http-si-$s.json" > "$OUT/http-si-$s.txt" 2>&1 || true
+echo "switchinterval 0.5 ms, $s streams:"; grep -E "aggregate|TTFT|ITL|errors" "$OUT/http-si-$s.txt" || tail -3 "$OUT/http-si-$s.txt"

@@ -1,0 +1,5 @@
+"""The engine. `llama` is imported first on purpose: llama.cpp's shared libraries must be loaded
+before numpy's. With numpy loaded first, a CUDA build of llama-cpp-python crashed in
+llama_model_load_from_file (seen on an H100 machine, Python 3.12, numpy 2.5)."""
+
+from cria.engine import llama as llama  # noqa: I001 - the import order is the point
