@@ -422,11 +422,19 @@ class Engine:
             choice = self._slots.choose(seq.req.prompt)
             assert choice is not None
             slot_id, n_reuse = choice
-            if not self._ctx.seq_rm(slot_id, n_reuse):
-                # Partial removal unsupported (e.g. recurrent models): start the slot afresh.
-                self._ctx.seq_rm(slot_id, 0)
-                n_reuse = 0
-            seq.slot = self._slots.acquire(slot_id, n_reuse)
+            donor = self._slots.best_donor(seq.req.prompt, exclude=slot_id)
+            if donor is not None and donor[1] > n_reuse:
+                # Another slot (busy or idle) already holds a longer prefix of this prompt:
+                # copying its KV costs a memory copy instead of a prefill.
+                donor_id, n_reuse = donor
+                self._ctx.seq_copy_prefix(donor_id, slot_id, n_reuse)
+                seq.slot = self._slots.acquire_copy(slot_id, donor_id, n_reuse)
+            else:
+                if not self._ctx.seq_rm(slot_id, n_reuse):
+                    # Partial removal unsupported (e.g. recurrent models): start afresh.
+                    self._ctx.seq_rm(slot_id, 0)
+                    n_reuse = 0
+                seq.slot = self._slots.acquire(slot_id, n_reuse)
             seq.n_cached = n_reuse
             params = seq.req.sampling
             is_plain_greedy = params.is_greedy and not params.has_penalties and not params.logit_bias
@@ -455,23 +463,38 @@ class Engine:
         batch.clear()
         to_sample: list[tuple[_Seq, int]] = []
         fed: list[tuple[_Seq, Sequence[int]]] = []
-        if plan.decodes:
-            seqs = [by_slot[slot_id] for slot_id in plan.decodes]
-            tokens = [s.pending for s in seqs]
-            positions = [len(s.slot.cached) for s in seqs]  # type: ignore[union-attr]
-            row = batch.add_decodes(tokens, positions, plan.decodes)  # type: ignore[arg-type]
-            for k, seq in enumerate(seqs):
+        # Everything in slot order, prompt chunks at their slot's place: llama.cpp (one KV
+        # stream per sequence) puts runs of consecutive sequence ids in one ubatch.
+        chunks = {c.slot_id: c for c in plan.prefills}
+        run: list[_Seq] = []  # consecutive decode entries, added with one slice assignment
+
+        def add_run() -> None:
+            tokens = [s.pending for s in run]
+            positions = [len(s.slot.cached) for s in run]  # type: ignore[union-attr]
+            slot_ids = [s.slot.id for s in run]  # type: ignore[union-attr]
+            row = batch.add_decodes(tokens, positions, slot_ids)  # type: ignore[arg-type]
+            for k, seq in enumerate(run):
                 to_sample.append((seq, row + k))
                 fed.append((seq, (seq.pending,)))  # type: ignore[arg-type]
-        for chunk in plan.prefills:
-            seq = by_slot[chunk.slot_id]
+            run.clear()
+
+        for slot_id in sorted([*plan.decodes, *chunks]):
+            chunk = chunks.get(slot_id)
+            seq = by_slot[slot_id]
+            if chunk is None:
+                run.append(seq)
+                continue
+            if run:
+                add_run()
             assert seq.slot is not None
             start = len(seq.slot.cached)
             tokens_chunk = seq.req.prompt[start : start + chunk.n_tokens]
-            out_row = batch.add_run(tokens_chunk, start, chunk.slot_id, logits_last=chunk.is_last)
+            out_row = batch.add_run(tokens_chunk, start, slot_id, logits_last=chunk.is_last)
             if out_row is not None:
                 to_sample.append((seq, out_row))
             fed.append((seq, tokens_chunk))
+        if run:
+            add_run()
         self._n_steps += 1
         self._max_seqs_per_step = max(self._max_seqs_per_step, len(fed))
         t0 = time.perf_counter()

@@ -24,7 +24,7 @@ class PrefillChunk:
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    decodes: tuple[int, ...]  # slot ids that decode one token each
+    decodes: tuple[int, ...]  # slot ids that decode one token each, in increasing order
     prefills: tuple[PrefillChunk, ...]
 
     @property
@@ -44,7 +44,8 @@ def plan_step(seqs: Sequence[SeqState], budget: int) -> StepPlan:
     `seqs` is in admission order. Every decoding sequence gets its token even if that alone
     exceeds `budget` (the engine keeps slots <= budget, so it does not).
     """
-    decodes = tuple(s.slot_id for s in seqs if s.n_prompt_left == 0)
+    # In slot order: llama.cpp groups tokens of consecutive sequence ids into one ubatch.
+    decodes = tuple(sorted(s.slot_id for s in seqs if s.n_prompt_left == 0))
     left = budget - len(decodes)
     prefills: list[PrefillChunk] = []
     for s in seqs:

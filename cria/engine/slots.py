@@ -34,29 +34,52 @@ class SlotTable:
 
     def choose(self, prompt: Sequence[int]) -> tuple[int, int] | None:
         """Pick the free slot for `prompt`: the one with the longest common prefix; on a tie the
-        one caching the fewest tokens (so longer caches survive for their owners), then the
-        lowest id. Returns (slot id, tokens reusable) or None when every slot is busy.
+        lowest id, which keeps busy slots packed at low ids (llama.cpp batches consecutive
+        sequence ids together). Returns (slot id, tokens reusable) or None when every slot is
+        busy. A longer prefix held by another slot is found by `best_donor`.
 
         At most len(prompt) - 1 tokens are reused: the last prompt token is always decoded,
         because its logits give the first sampled token.
         """
-        best: tuple[int, int, int] | None = None  # (-reuse, n_cached, id)
+        best: tuple[int, int] | None = None  # (-reuse, id)
         for slot in self.slots:
             if slot.is_busy:
                 continue
             reuse = min(common_prefix_len(slot.cached, prompt), max(len(prompt) - 1, 0))
-            key = (-reuse, len(slot.cached), slot.id)
+            key = (-reuse, slot.id)
             if best is None or key < best:
                 best = key
         if best is None:
             return None
-        return best[2], -best[0]
+        return best[1], -best[0]
 
     def acquire(self, slot_id: int, n_reuse: int) -> Slot:
         slot = self.slots[slot_id]
         assert not slot.is_busy, "slot acquired twice"
         slot.is_busy = True
         del slot.cached[n_reuse:]
+        return slot
+
+    def best_donor(self, prompt: Sequence[int], *, exclude: int) -> tuple[int, int] | None:
+        """The slot (busy or free, other than `exclude`) whose cached tokens share the longest
+        prefix with `prompt`, capped at len(prompt) - 1. Returns (slot id, prefix length), or
+        None when no slot shares anything."""
+        cap = max(len(prompt) - 1, 0)
+        best: tuple[int, int] | None = None
+        for slot in self.slots:
+            if slot.id == exclude:
+                continue
+            n = min(common_prefix_len(slot.cached, prompt), cap)
+            if n > 0 and (best is None or n > best[1]):
+                best = (slot.id, n)
+        return best
+
+    def acquire_copy(self, slot_id: int, donor_id: int, n_tokens: int) -> Slot:
+        """Acquire a free slot whose cache now holds the first `n_tokens` of the donor's."""
+        slot = self.slots[slot_id]
+        assert not slot.is_busy, "slot acquired twice"
+        slot.is_busy = True
+        slot.cached[:] = self.slots[donor_id].cached[:n_tokens]
         return slot
 
     def release(self, slot_id: int) -> None:

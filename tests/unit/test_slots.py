@@ -53,22 +53,42 @@ def test_single_token_prompt_reuses_nothing() -> None:
 def test_empty_prompt_reuses_nothing() -> None:
     table = SlotTable(2)
     table.slots[0].cached = [1]
-    assert table.choose([]) == (1, 0)  # tie on reuse 0: the emptier cache
+    assert table.choose([]) == (0, 0)  # tie on reuse 0: the lowest id
 
 
-def test_tie_prefers_the_slot_caching_fewest_tokens() -> None:
+def test_tie_prefers_the_lowest_id_to_keep_busy_slots_packed() -> None:
     table = SlotTable(3)
-    table.slots[0].cached = [1, 2, 50, 51, 52, 53]
-    table.slots[1].cached = [1, 2, 60]
-    table.slots[2].cached = [1, 2, 70, 71]
+    table.slots[0].is_busy = True
+    table.slots[1].cached = [1, 2, 50, 51, 52, 53]
+    table.slots[2].cached = [1, 2, 60]
     assert table.choose([1, 2, 3, 4]) == (1, 2)
 
 
-def test_tie_on_cap_prefers_fewest_cached_tokens() -> None:
+def test_tie_on_cap_prefers_lowest_id() -> None:
     table = SlotTable(2)
-    table.slots[0].cached = [1, 2, 3, 4, 5]  # full match, but capped to 2
-    table.slots[1].cached = [1, 2, 3]
-    assert table.choose([1, 2, 3]) == (1, 2)
+    table.slots[0].cached = [1, 2, 3]
+    table.slots[1].cached = [1, 2, 3, 4, 5]  # full match, but capped to 2
+    assert table.choose([1, 2, 3]) == (0, 2)
+
+
+def test_best_donor_looks_at_busy_slots_too() -> None:
+    table = SlotTable(3)
+    table.slots[0].cached = [1, 2, 3, 4, 5]
+    table.slots[0].is_busy = True
+    table.slots[1].cached = [1, 2]
+    assert table.best_donor([1, 2, 3, 4, 9], exclude=2) == (0, 4)
+    assert table.best_donor([1, 2, 3], exclude=2) == (0, 2)  # capped at len(prompt) - 1
+    assert table.best_donor([7, 8], exclude=2) is None
+    assert table.best_donor([1, 2, 3, 4, 9], exclude=0) == (1, 2)
+
+
+def test_acquire_copy_takes_the_donor_prefix() -> None:
+    table = SlotTable(2)
+    table.slots[0].cached = [1, 2, 3, 4]
+    table.slots[1].cached = [9, 9, 9]
+    slot = table.acquire_copy(1, 0, 3)
+    assert slot.is_busy and slot.cached == [1, 2, 3]
+    assert table.slots[0].cached == [1, 2, 3, 4]
 
 
 def test_full_tie_prefers_lowest_id() -> None:
