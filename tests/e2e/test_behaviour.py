@@ -172,3 +172,22 @@ def test_many_requests_after_cancellations_still_work(server: Server, client: op
     assert r.usage is not None and r.usage.completion_tokens >= 1
     assert time.monotonic() - start < 30
     assert server.wait_idle()["n_running"] == 0
+
+
+def test_prefix_of_a_busy_slot_is_reused_by_another(server: Server) -> None:
+    """A prompt already in another slot's cache (here: a slot still generating) is copied,
+    not prefilled again."""
+    server.wait_idle()
+    prompt = f"Request {time.monotonic_ns()}: " + "the quick brown fox jumps over the lazy dog " * 6
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=60) as running:
+        next(line for line in running.iter_lines() if line.startswith("data: "))
+        second = httpx.post(
+            server.v1 + "/completions",
+            json={"model": MODEL_ID, "prompt": prompt, "max_tokens": 1, "ignore_eos": True},
+            timeout=60,
+        ).json()
+    usage = second["usage"]
+    assert usage["prompt_tokens"] > 40
+    assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+    assert server.wait_idle(timeout=10)["n_running"] == 0
