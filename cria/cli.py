@@ -88,16 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(settings, name) is not None:
                 flag = flags_of(name)[-1]
                 raise StartupError(f"{flag}: {what} is not supported yet")
-        from cria.models.spec import resolve_model
+        from cria.models.spec import resolve_embedding_model, resolve_model
 
         spec = resolve_model(settings)
+        embedding_spec = resolve_embedding_model(settings, spec)
     except StartupError as exc:
         print(f"cria: error: {exc}", file=sys.stderr)
         return 2
-    return serve(settings, spec)
+    return serve(settings, spec, embedding_spec)
 
 
-def serve(settings: Settings, spec: Any) -> int:
+def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
     import uvicorn
 
     from cria.api.app import create_app
@@ -120,10 +121,16 @@ def serve(settings: Settings, spec: Any) -> int:
             n_batch=max(settings.batch_size, settings.parallel),
             n_threads=settings.threads,
             max_queue=settings.max_queue,
+            prompt_cache_bytes=settings.prompt_cache_mib * 1024 * 1024,
+        ),
+        load_embedding_model=None if embedding_spec is None else lambda: LlamaModel(
+            embedding_spec.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap
         ),
     )
-    app = create_app(settings, spec, engine)
+    app = create_app(settings, spec, engine, embedding_spec=embedding_spec)
     log.info("serving %s (%s) on http://%s:%d", spec.id, spec.path, settings.host, settings.port)
+    if embedding_spec is not None:
+        log.info("serving embeddings with %s (%s)", embedding_spec.id, embedding_spec.path)
     uvicorn.run(
         app,
         host=settings.host,

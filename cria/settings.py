@@ -115,8 +115,21 @@ class Settings(BaseSettings):
         ge=0,
         help="Requests allowed to wait for a slot; past this the server answers 429.",
     )
+    embedding_model: Path | None = _opt(
+        "--embedding-model",
+        default=None,
+        help="Path to a GGUF served for /v1/embeddings beside the chat model (its id is the "
+        "file's stem). Default: the chat model makes the embeddings (mean pooling).",
+    )
     model_alias: str | None = _opt(
         "--model-alias", default=None, help="Model id shown in /v1/models and accepted in requests."
+    )
+    prompt_cache_mib: int = _opt(
+        "--prompt-cache-mib",
+        default=256,
+        ge=0,
+        help="Host memory for the KV state of prompts evicted from slots, reused when they come "
+        "back (0: off).",
     )
     max_body_bytes: int = _opt(
         "--max-body-bytes",
@@ -126,7 +139,14 @@ class Settings(BaseSettings):
     )
     log_level: str = _opt("--log-level", default="info", help="Log level: debug, info, warning, error.")
 
-    @field_validator("model", "tokenizer_path", "tokenizer_repository", "zipkin_endpoint", mode="before")
+    @field_validator(
+        "model",
+        "embedding_model",
+        "tokenizer_path",
+        "tokenizer_repository",
+        "zipkin_endpoint",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

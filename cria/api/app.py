@@ -5,20 +5,31 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from cria import __version__
 from cria.api.errors import install_error_handlers
-from cria.api.routes import chat, completions, health, models
+from cria.api.routes import chat, completions, embeddings, health, models
 from cria.api.state import AppState
 from cria.chat.template import ChatTemplate
 from cria.engine.engine import Engine
-from cria.models.spec import ModelSpec
+from cria.models.spec import EmbeddingSpec, ModelSpec
 from cria.settings import Settings
 
 
-def create_app(settings: Settings, spec: ModelSpec, engine: Engine) -> FastAPI:
+def _created(path: Path) -> int:
+    return int(path.stat().st_mtime) if path.exists() else int(time.time())
+
+
+def create_app(
+    settings: Settings,
+    spec: ModelSpec,
+    engine: Engine,
+    *,
+    embedding_spec: EmbeddingSpec | None = None,
+) -> FastAPI:
     """Build the app around an engine. The lifespan starts the engine thread (the model loads
     in the background: /health says 503 until it is ready) and stops it on shutdown."""
 
@@ -42,9 +53,11 @@ def create_app(settings: Settings, spec: ModelSpec, engine: Engine) -> FastAPI:
         spec=spec,
         engine=engine,
         template=ChatTemplate(spec.chat_template, bos_token=spec.bos_text, eos_token=spec.eos_text),
-        created=int(spec.path.stat().st_mtime) if spec.path.exists() else int(time.time()),
+        created=_created(spec.path),
+        embedding_spec=embedding_spec,
+        embedding_created=_created(embedding_spec.path) if embedding_spec is not None else 0,
     )
     install_error_handlers(app)
-    for module in (models, completions, chat, health):
+    for module in (models, completions, chat, embeddings, health):
         app.include_router(module.router)
     return app

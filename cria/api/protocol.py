@@ -7,6 +7,9 @@ built as plain dicts: they are written once per token while streaming.
 
 from __future__ import annotations
 
+import base64
+import struct
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -91,6 +94,19 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    # One text, many texts, one token list, or many token lists (list[int] before the nested
+    # form: pydantic's smart union picks the exact match either way).
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
 
 
 # ---- responses ----
@@ -182,3 +198,27 @@ def chat_chunk(
 
 def model_card(model_id: str, created: int) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "cria"}
+
+
+def encode_base64(values: Sequence[float]) -> str:
+    """A vector as OpenAI sends it with encoding_format=base64: little-endian float32 bytes."""
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
+def embedding_list(
+    model: str, vectors: Sequence[Sequence[float]], n_prompt_tokens: int, *, as_base64: bool
+) -> dict[str, Any]:
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": encode_base64(vec) if as_base64 else list(vec),
+        }
+        for i, vec in enumerate(vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": n_prompt_tokens, "total_tokens": n_prompt_tokens},
+    }

@@ -8,8 +8,8 @@ from starlette.requests import Request
 
 from cria.chat.template import ChatTemplate
 from cria.engine.engine import Engine
-from cria.errors import ModelNotFound
-from cria.models.spec import ModelSpec
+from cria.errors import InvalidRequest, ModelNotFound
+from cria.models.spec import EmbeddingSpec, ModelSpec
 from cria.settings import Settings
 
 
@@ -20,11 +20,44 @@ class AppState:
     engine: Engine
     template: ChatTemplate
     created: int  # the served model's "created" timestamp
+    embedding_spec: EmbeddingSpec | None = None  # a dedicated embedding model, if any
+    embedding_created: int = 0
+
+    @property
+    def model_ids(self) -> list[str]:
+        ids = [self.spec.id]
+        if self.embedding_spec is not None:
+            ids.append(self.embedding_spec.id)
+        return ids
 
     def check_model(self, model: str) -> None:
-        if model != self.spec.id:
+        """For the generation routes: the chat model, never the dedicated embedding model."""
+        if self.embedding_spec is not None and model == self.embedding_spec.id:
+            raise InvalidRequest(
+                f"'{model}' is an embedding model: use POST /v1/embeddings with it, or "
+                f"'{self.spec.id}' here",
+                param="model",
+                code="model_not_supported",
+            )
+        self._check_known(model)
+
+    def check_embedding_model(self, model: str) -> None:
+        """For /v1/embeddings: the dedicated embedding model if there is one, else the chat
+        model."""
+        if self.embedding_spec is not None and model == self.spec.id:
+            raise InvalidRequest(
+                f"'{model}' is this server's chat model; embeddings come from "
+                f"'{self.embedding_spec.id}'",
+                param="model",
+                code="model_not_supported",
+            )
+        self._check_known(model)
+
+    def _check_known(self, model: str) -> None:
+        if model not in self.model_ids:
+            served = "', '".join(self.model_ids)
             raise ModelNotFound(
-                f"the model '{model}' does not exist; this server serves '{self.spec.id}'",
+                f"the model '{model}' does not exist; this server serves '{served}'",
                 param="model",
             )
 

@@ -2,4 +2,4 @@
 before numpy's. With numpy loaded first, a CUDA build of llama-cpp-python crashed in
 llama_model_load_from_file (seen on an H100 machine, Python 3.12, numpy 2.5)."""
 
-from cria.engine import llama as llama  # noqa: I001 - the import order is the point
+from cria.engine import llama as llama  # first: the import order is the point

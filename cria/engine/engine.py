@@ -5,7 +5,9 @@
          └── RequestStream (async iterator of Delta) ◄── call_soon_threadsafe ◄── step()
 
 A step plans (decode every running sequence, then prompt chunks within the batch budget),
-runs one `llama_decode` for all of them, then samples, detokenizes and matches stops.
+runs one `llama_decode` for all of them, then samples, detokenizes and matches stops. Between
+steps the same thread runs embedding decodes on a context of their own (embedder.py), paced so
+that generation is not starved.
 """
 
 from __future__ import annotations
@@ -21,12 +23,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cria.engine.embedder import Embedder, EmbeddingJob
 from cria.engine.llama import Batch, DecodeResult, LlamaContext, LlamaModel, SamplerChain
+from cria.engine.prompt_cache import PromptCache
 from cria.engine.sampling import sampler_recipe
 from cria.engine.scheduler import SeqState, StepPlan, plan_step
 from cria.engine.slots import Slot, SlotTable
 from cria.engine.text import Detokenizer, StopMatcher
-from cria.engine.types import Delta, EngineStats, FinishReason, GenerationRequest, Usage
+from cria.engine.types import (
+    Delta,
+    EmbeddingRequest,
+    EmbeddingResult,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    Usage,
+)
 from cria.errors import (
     ContextOverflow,
     CriaError,
@@ -38,6 +50,9 @@ from cria.errors import (
 
 log = logging.getLogger(__name__)
 
+# A slot about to lose fewer tokens than this is not worth saving to the prompt cache.
+MIN_SAVED_TOKENS = 32
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -46,6 +61,7 @@ class EngineConfig:
     n_batch: int
     n_threads: int
     max_queue: int
+    prompt_cache_bytes: int = 0  # host memory for evicted prompts' KV state (0: off)
 
 
 class EngineState(enum.Enum):
@@ -173,24 +189,35 @@ class Engine:
         self,
         load_model: Callable[[], LlamaModel],
         config: EngineConfig,
+        *,
+        load_embedding_model: Callable[[], LlamaModel] | None = None,
     ) -> None:
+        """`load_embedding_model`: a dedicated model for embeddings; by default the chat model
+        makes them."""
         self.config = config
         self._load_model = load_model
+        self._load_embedding_model = load_embedding_model
         self.model: LlamaModel | None = None
+        self.embedding_model: LlamaModel | None = None
+        self.embedding_max_tokens = 0  # longest input an embedding may have (set once loaded)
         self._state = EngineState.LOADING
         self._failure: str | None = None
         self._cond = threading.Condition()
         self._inbox: deque[_Seq] = deque()
         self._aborts: set[str] = set()
         self._n_queued = 0  # submitted, not yet in a slot (guarded by _cond)
+        self._embed_inbox: deque[EmbeddingJob] = deque()
+        self._n_embed_jobs = 0  # embedding requests not yet finished (guarded by _cond)
         self._is_stopping = False
         self._thread = threading.Thread(target=self._run, name="cria-engine", daemon=True)
         # Engine-thread state:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # in admission order
         self._slots = SlotTable(config.n_slots)
+        self._prompt_cache = PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes else None
         self._ctx: LlamaContext | None = None
         self._batch: Batch | None = None
+        self._embedder: Embedder | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Delta | CriaError]]] = {}
         self._by_slot: dict[int, _Seq] = {}
         self._eog_ids: list[int] = []
@@ -282,6 +309,60 @@ class Engine:
             self._cond.notify()
         return stream
 
+    def _require_embedder(self) -> LlamaModel:
+        self._require_ready()
+        assert self.embedding_model is not None
+        return self.embedding_model
+
+    @property
+    def embedding_size(self) -> int:
+        """Components of an embedding vector (before `dimensions`)."""
+        return self._require_embedder().n_embd_out
+
+    def tokenize_for_embedding(self, text: str) -> list[int]:
+        """Tokenize with the embedding model's vocabulary, with its special tokens (BOS...)."""
+        return self._require_embedder().tokenize(text, add_special=True, parse_special=True)
+
+    def check_embedding_input(self, tokens: Sequence[int], *, param: str) -> None:
+        """Raise if `tokens` cannot be embedded: empty, a token id outside the vocabulary, or
+        longer than the embedding context (never truncated)."""
+        model = self._require_embedder()
+        if not tokens:
+            raise InvalidRequest(f"{param} is empty", param=param)
+        if any(t < 0 or t >= model.n_vocab for t in tokens):
+            raise InvalidRequest(f"{param} holds a token id outside [0, {model.n_vocab})", param=param)
+        if len(tokens) > self.embedding_max_tokens:
+            raise ContextOverflow(
+                f"{param} has {len(tokens)} tokens; this server embeds at most "
+                f"{self.embedding_max_tokens} tokens per input",
+                param=param,
+            )
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
+        """Embed every input of `req` (checked with check_embedding_input). Must be awaited on
+        the event loop; cancelling the await (client gone) drops the inputs not yet computed."""
+        self._require_embedder()
+        loop = asyncio.get_running_loop()
+        job = EmbeddingJob(req, loop.create_future(), loop)
+        with self._cond:
+            if self._n_embed_jobs >= self.config.max_queue:
+                raise Overloaded(
+                    f"the server is busy: {self._n_embed_jobs} embedding requests are queued; "
+                    "retry later"
+                )
+            self._n_embed_jobs += 1
+            self._embed_inbox.append(job)
+            self._cond.notify()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self.abort(req.id)
+            raise
+
+    def _embedding_finished(self, _job: EmbeddingJob) -> None:
+        with self._cond:
+            self._n_embed_jobs -= 1
+
     def abort(self, request_id: str) -> None:
         with self._cond:
             self._aborts.add(request_id)
@@ -290,6 +371,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._cond:
             n_waiting = self._n_queued
+            n_embedding_jobs = self._n_embed_jobs
         timing = self._timing
         return EngineStats(
             python_us_per_step=timing.python_us_per_step,
@@ -300,6 +382,11 @@ class Engine:
             n_running=len(self._running),
             n_waiting=n_waiting,
             n_slots=self.config.n_slots,
+            n_embedding_jobs=n_embedding_jobs,
+            n_embedding_decodes=self._embedder.n_decodes if self._embedder is not None else 0,
+            max_inputs_per_embedding_decode=(
+                self._embedder.max_inputs_per_decode if self._embedder is not None else 0
+            ),
         )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -323,6 +410,7 @@ class Engine:
             )
             self._batch = Batch(self.config.n_batch)
             self._eog_ids = [t for t in range(self.model.n_vocab) if self.model.is_eog(t)]
+            self._start_embedder()
         except Exception as exc:
             log.error("the engine could not start: %s", exc)
             self._failure = str(exc)
@@ -347,13 +435,41 @@ class Engine:
             self._state = EngineState.DEAD
             for seq in [*self._running, *self._waiting, *self._inbox]:
                 self._emit(seq, EngineUnavailable("the engine stopped"))
+            self._fail_embeddings(EngineUnavailable("the engine stopped"))
             self._flush()
             raise
         finally:
             self._close()
         for seq in [*self._running, *self._waiting, *self._inbox]:
             self._emit(seq, EngineUnavailable("the server is shutting down"))
+        self._fail_embeddings(EngineUnavailable("the server is shutting down"))
         self._flush()
+
+    def _start_embedder(self) -> None:
+        """The embedding model (the chat model unless a dedicated one is given) and its
+        Embedder; the context itself is created at the first embedding request."""
+        assert self.model is not None
+        model = self._load_embedding_model() if self._load_embedding_model else self.model
+        self.embedding_model = model
+        n_max = self.config.n_ctx_per_seq
+        if model.n_ctx_train > 0:
+            n_max = min(n_max, model.n_ctx_train)
+        self.embedding_max_tokens = n_max
+        # A decode must hold the longest input whole (see EmbeddingContext).
+        self._embedder = Embedder(
+            model,
+            n_batch=max(self.config.n_batch, n_max),
+            n_threads=self.config.n_threads,
+            on_finished=self._embedding_finished,
+        )
+
+    def _fail_embeddings(self, error: CriaError) -> None:
+        with self._cond:
+            jobs, self._embed_inbox = list(self._embed_inbox), deque()
+        if self._embedder is not None:
+            for job in jobs:
+                self._embedder.add(job)
+            self._embedder.fail_all(error)
 
     def _close(self) -> None:
         for seq in self._running:
@@ -363,6 +479,10 @@ class Engine:
             self._batch.close()
         if self._ctx is not None:
             self._ctx.close()
+        if self._embedder is not None:
+            self._embedder.close()
+        if self.embedding_model is not None and self.embedding_model is not self.model:
+            self.embedding_model.close()
         if self.model is not None:
             self.model.close()
 
@@ -375,13 +495,19 @@ class Engine:
                 and not self._aborts
                 and not self._running
                 and not self._waiting
+                and not self._embed_inbox
+                and not (self._embedder is not None and self._embedder.has_work)
             ):
                 self._cond.wait()
             if self._is_stopping:
                 return False
             self._waiting.extend(self._inbox)
             self._inbox.clear()
+            embed_jobs, self._embed_inbox = list(self._embed_inbox), deque()
             aborts, self._aborts = self._aborts, set()
+        assert self._embedder is not None
+        for job in embed_jobs:
+            self._embedder.add(job)
         if aborts:
             self._apply_aborts(aborts)
         return True
@@ -393,13 +519,16 @@ class Engine:
         for seq in [s for s in self._running if s.req.id in ids]:
             log.debug("request %s aborted", seq.req.id)
             self._finish(seq)
+        if self._embedder is not None:
+            self._embedder.abort(ids)
 
     def _dequeued(self) -> None:
         with self._cond:
             self._n_queued -= 1
 
     def step(self) -> None:
-        """One engine step: admit, plan, decode, postprocess."""
+        """One engine step: admit, plan, decode, postprocess; then at most one embedding
+        decode, when the pacer allows one (always while generation is idle)."""
         started = time.perf_counter()
         self._admit()
         plan = plan_step(
@@ -412,7 +541,12 @@ class Engine:
                 self._postprocess(sampled)
         self._flush()
         if not plan.is_empty:
-            self._timing.add_step(time.perf_counter() - started, len(plan.decodes) + len(plan.prefills))
+            seconds = time.perf_counter() - started
+            self._timing.add_step(seconds, len(plan.decodes) + len(plan.prefills))
+            if self._embedder is not None:
+                self._embedder.on_generation_step(seconds)
+        if self._embedder is not None:
+            self._embedder.run(is_generating=bool(self._running or self._waiting))
 
     def _admit(self) -> None:
         assert self._ctx is not None and self.model is not None
@@ -422,8 +556,21 @@ class Engine:
             choice = self._slots.choose(seq.req.prompt)
             assert choice is not None
             slot_id, n_reuse = choice
+            self._save_evicted(slot_id, n_reuse)
             donor = self._slots.best_donor(seq.req.prompt, exclude=slot_id)
-            if donor is not None and donor[1] > n_reuse:
+            saved = self._prompt_cache.best(seq.req.prompt) if self._prompt_cache else None
+            n_donor = donor[1] if donor is not None else 0
+            if (
+                saved is not None
+                and saved[1] > max(n_reuse, n_donor)
+                and self._ctx.seq_rm(slot_id, 0)
+                and self._ctx.seq_state_load(slot_id, saved[0].state)
+                and self._ctx.seq_rm(slot_id, saved[1])
+            ):
+                # The prompt came back after leaving every slot: restore its KV from host memory.
+                n_reuse = saved[1]
+                seq.slot = self._slots.acquire_tokens(slot_id, saved[0].tokens[:n_reuse])
+            elif donor is not None and donor[1] > n_reuse:
                 # Another slot (busy or idle) already holds a longer prefix of this prompt:
                 # copying its KV costs a memory copy instead of a prefill.
                 donor_id, n_reuse = donor
@@ -453,6 +600,20 @@ class Engine:
             seq.stops = StopMatcher(seq.req.stop)
             self._running.append(seq)
             self._by_slot[slot_id] = seq
+
+    def _save_evicted(self, slot_id: int, n_keep: int) -> None:
+        """Before a slot's cache is cut to `n_keep` tokens for a new prompt, keep its KV state in
+        the host-memory prompt cache, if enough would be lost and it is not there already."""
+        cache, ctx = self._prompt_cache, self._ctx
+        if cache is None or ctx is None:
+            return
+        cached = self._slots.slots[slot_id].cached
+        if len(cached) - n_keep < MIN_SAVED_TOKENS or cache.covers(cached):
+            return
+        try:
+            cache.put(cached, ctx.seq_state_save(slot_id))
+        except Exception:  # a cache is an optimisation: never fail a request over it
+            log.exception("could not save slot %d to the prompt cache", slot_id)
 
     def _decode(self, plan: StepPlan) -> list[tuple[_Seq, int]]:
         """Fill the batch from the plan and run one llama_decode. Returns the sequences to

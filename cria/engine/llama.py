@@ -92,6 +92,29 @@ class LlamaModel:
         self.bos: int | None = bos if 0 <= bos < self.n_vocab else None
         self._pieces: dict[int, bytes] = {}
         self._eog = [bool(llama_cpp.llama_vocab_is_eog(self._vocab, t)) for t in range(self.n_vocab)]
+        self.n_embd_out = int(llama_cpp.llama_model_n_embd_out(model))
+        self.architecture = self.meta("general.architecture") or ""
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None if the model has no such key."""
+        buf = ctypes.create_string_buffer(256)
+        n = int(llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, 256))
+        if n < 0:
+            return None
+        if n >= 256:
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    @property
+    def declared_pooling(self) -> Pooling | None:
+        """The pooling the GGUF declares (`<arch>.pooling_type`), if it is one that yields one
+        vector per sequence; None for generative models, which declare none."""
+        raw = self.meta(f"{self.architecture}.pooling_type")
+        try:
+            return Pooling(int(raw)) if raw is not None else None
+        except ValueError:  # NONE (per-token) or RANK (a reranker's score): not a vector
+            return None
 
     @property
     def ptr(self) -> Any:
@@ -135,6 +158,15 @@ class LlamaModel:
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
+
+
+class Pooling(enum.Enum):
+    """How an embedding context turns a sequence's hidden states into one vector (llama.cpp's
+    llama_pooling_type values)."""
+
+    MEAN = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+    CLS = llama_cpp.LLAMA_POOLING_TYPE_CLS
+    LAST = llama_cpp.LLAMA_POOLING_TYPE_LAST
 
 
 class Batch:
@@ -203,6 +235,18 @@ class Batch:
         self.n_outputs += 1
         return row
 
+    def add_sequence(self, tokens: Sequence[int], seq: int) -> None:
+        """Append a whole sequence from position 0, every token an output (pooled embeddings
+        read all of a sequence's hidden states)."""
+        i, n = self.n_tokens, len(tokens)
+        assert i + n <= self.capacity, "batch overflow"
+        self._token[i : i + n] = tokens
+        self._pos[i : i + n] = np.arange(n, dtype=np.int32)
+        self._seq[i : i + n] = seq
+        self._logits[i : i + n] = 1
+        self.n_tokens = i + n
+        self.n_outputs += n
+
     def close(self) -> None:
         """Nothing to free in C: the arrays belong to this object."""
 
@@ -212,6 +256,20 @@ class DecodeResult(enum.Enum):
     NO_KV_SLOT = 1  # recoverable: the batch did not fit the KV cache
     ABORTED = 2
     FAILED = 3  # an error inside llama.cpp
+
+
+def _decode(ctx: Any, batch: Batch) -> DecodeResult:
+    b = batch._batch  # Batch is this module's
+    b.n_tokens = batch.n_tokens
+    ret = int(llama_cpp.llama_decode(ctx, b))
+    if ret == 0:
+        return DecodeResult.OK
+    if ret == 1:
+        return DecodeResult.NO_KV_SLOT
+    if ret == 2:
+        return DecodeResult.ABORTED
+    log.error("llama_decode returned %d", ret)
+    return DecodeResult.FAILED
 
 
 class LlamaContext:
@@ -248,18 +306,8 @@ class LlamaContext:
         return self._ctx
 
     def decode(self, batch: Batch) -> DecodeResult:
-        b = batch._batch  # both classes are this module's
-        b.n_tokens = batch.n_tokens
         self.n_outputs = batch.n_outputs
-        ret = int(llama_cpp.llama_decode(self._ctx, b))
-        if ret == 0:
-            return DecodeResult.OK
-        if ret == 1:
-            return DecodeResult.NO_KV_SLOT
-        if ret == 2:
-            return DecodeResult.ABORTED
-        log.error("llama_decode returned %d", ret)
-        return DecodeResult.FAILED
+        return _decode(self._ctx, batch)
 
     def logits(self, n_outputs: int, n_vocab: int) -> np.ndarray:
         """The last decode's logits: a (n_outputs, n_vocab) view, rows in batch order. Valid
@@ -273,9 +321,71 @@ class LlamaContext:
         llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         self.seq_rm(dst, n_tokens)
 
+    def seq_state_save(self, seq: int) -> bytes:
+        """The KV state of one sequence, as bytes (for the host-memory prompt cache)."""
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq))
+        buf = (ctypes.c_uint8 * size)()
+        n = int(llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq))
+        return ctypes.string_at(buf, n)
+
+    def seq_state_load(self, seq: int, state: bytes) -> bool:
+        """Restore a state saved by seq_state_save into sequence `seq`."""
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return int(llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), seq)) > 0
+
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
         """Drop positions [p0, p1) of a sequence (p1 = -1: to the end)."""
         return bool(llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, p1))
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+
+class EmbeddingContext:
+    """A llama_context with embeddings on: each sequence of a decode is pooled into one vector.
+
+    The model's own pooling when its GGUF declares one, else mean pooling (generative models).
+    One unified KV buffer of `n_tokens` cells, cleared before every decode: a decode's
+    sequences are independent inputs, all starting at position 0. n_ubatch = n_batch, so a
+    whole decode is one ubatch and the pooling sees every input whole (llama.cpp pools per
+    ubatch; a split input would get the vector of its last part).
+    """
+
+    def __init__(self, model: LlamaModel, *, n_tokens: int, n_seq: int, n_threads: int) -> None:
+        self.pooling = model.declared_pooling or Pooling.MEAN
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_tokens
+        params.n_batch = n_tokens
+        params.n_ubatch = n_tokens
+        params.n_seq_max = n_seq
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.embeddings = True
+        params.pooling_type = self.pooling.value
+        # Unified: all sequences in one ubatch (separate streams split a batch per sequence).
+        params.kv_unified = True
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            raise LlamaError("llama.cpp could not create the embedding context (out of memory?)")
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)  # NULL for models without a KV cache (BERT)
+        self.n_embd = model.n_embd_out
+
+    def decode(self, batch: Batch) -> DecodeResult:
+        """Decode `batch` (sequences added with Batch.add_sequence) from an empty cache."""
+        if self._mem:
+            llama_cpp.llama_memory_clear(self._mem, False)
+        return _decode(self._ctx, batch)
+
+    def pooled(self, seq: int) -> np.ndarray:
+        """Sequence `seq`'s vector from the last decode (a view, valid until the next one)."""
+        ptr = llama_cpp.llama_get_embeddings_seq(self._ctx, seq)
+        if not ptr:
+            raise LlamaError(f"llama.cpp has no pooled embedding for sequence {seq}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
 
     def close(self) -> None:
         if self._ctx:

@@ -1,11 +1,13 @@
 """Step planning: which sequences decode a token and which prompt chunks fill the rest.
 
+Also when embedding decodes run between generation steps, and which inputs they take.
+
 Pure policy (no llama.cpp, no threads), so it is tested with real objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -57,3 +59,61 @@ def plan_step(seqs: Sequence[SeqState], budget: int) -> StepPlan:
         prefills.append(PrefillChunk(s.slot_id, n, is_last=n == s.n_prompt_left))
         left -= n
     return StepPlan(decodes, tuple(prefills))
+
+
+def pack_inputs(lengths: Iterable[int], *, budget: int, max_seqs: int) -> int:
+    """How many of the queued embedding inputs (their token counts, in queue order) go into
+    the next embedding decode: as many as fit in `budget` tokens and `max_seqs` sequences, in
+    order, but always at least one (an input is never split: the pooling needs it whole)."""
+    n, used = 0, 0
+    for length in lengths:
+        if n >= max_seqs or (n and used + length > budget):
+            break
+        n += 1
+        used += length
+    return n
+
+
+class EmbeddingPacer:
+    """When the engine runs an embedding decode, and how many tokens it may take.
+
+    Generation idle: one full batch after another. Generation running: at most one embedding
+    decode every `every_n_steps` generation steps, sized to take about `share` of the engine's
+    time (the measured seconds per embedding token turn time into tokens), though never less
+    than one whole input. So most inter-token gaps of a stream carry no embedding work at all,
+    and embeddings still get their share of the engine instead of waiting for it to go idle.
+    """
+
+    def __init__(self, *, n_batch: int, share: float = 0.25, every_n_steps: int = 25) -> None:
+        assert 0.0 < share < 1.0 and every_n_steps >= 1 and n_batch >= 1
+        self.n_batch = n_batch
+        self.share = share
+        self.every_n_steps = every_n_steps
+        self._n_steps = 0  # generation steps since the last embedding decode
+        self._gen_s = 0.0  # ... and their time
+        self._s_per_token: float | None = None  # moving average over embedding decodes
+
+    def on_generation_step(self, seconds: float) -> None:
+        self._n_steps += 1
+        self._gen_s += seconds
+
+    def on_embedding_decode(self, n_tokens: int, seconds: float) -> None:
+        per_token = seconds / max(n_tokens, 1)
+        old = self._s_per_token
+        self._s_per_token = per_token if old is None else 0.7 * old + 0.3 * per_token
+        self._n_steps = 0
+        self._gen_s = 0.0
+
+    def token_budget(self, *, is_generating: bool) -> int | None:
+        """Tokens the next embedding decode may take, or None: not now."""
+        if not is_generating:
+            return self.n_batch
+        if self._n_steps < self.every_n_steps:
+            return None
+        if self._s_per_token is None:  # speed not yet known: one input
+            return 1
+        # Credit for the last every_n_steps steps only: a long stretch of generation before an
+        # embedding request arrives must not buy one long stall.
+        recent_gen_s = self._gen_s / self._n_steps * self.every_n_steps
+        allowed_s = recent_gen_s * self.share / (1.0 - self.share)
+        return max(1, min(self.n_batch, int(allowed_s / self._s_per_token)))

@@ -82,6 +82,14 @@ class SlotTable:
         slot.cached[:] = self.slots[donor_id].cached[:n_tokens]
         return slot
 
+    def acquire_tokens(self, slot_id: int, tokens: Sequence[int]) -> Slot:
+        """Acquire a free slot whose cache now holds `tokens` (restored from elsewhere)."""
+        slot = self.slots[slot_id]
+        assert not slot.is_busy, "slot acquired twice"
+        slot.is_busy = True
+        slot.cached[:] = tokens
+        return slot
+
     def release(self, slot_id: int) -> None:
         """Free the slot; its cached tokens stay for prefix reuse."""
         self.slots[slot_id].is_busy = False

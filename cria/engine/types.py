@@ -71,6 +71,27 @@ class Delta:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """Inputs to embed, each already tokenized and checked against the embedding context."""
+
+    id: str
+    inputs: tuple[tuple[int, ...], ...]
+    dimensions: int | None = None  # keep the first `dimensions` components (then re-normalize)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(tokens) for tokens in self.inputs)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """One L2-normalized vector per input, in input order."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    n_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     n_steps: int
     max_seqs_per_step: int  # most sequences decoded together in one llama_decode
@@ -80,3 +101,6 @@ class EngineStats:
     python_us_per_step: float = 0.0  # engine time outside llama_decode and sampling, per step
     python_us_per_seq: float = 0.0  # ... per sequence per step
     python_share: float = 0.0  # ... as a share of the step
+    n_embedding_jobs: int = 0  # embedding requests queued or in progress
+    n_embedding_decodes: int = 0
+    max_inputs_per_embedding_decode: int = 0  # evidence of batching across requests

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cria.errors import StartupError
 from cria.models.gguf import GGUFError, is_gguf, read_metadata
@@ -53,6 +55,47 @@ def bundled_model_path() -> Path:
     raise StartupError(f"the bundled model file {BUNDLED_FILE} is missing: reinstall it with `{hint}`")
 
 
+@dataclass(frozen=True, slots=True)
+class EmbeddingSpec:
+    """The dedicated embedding model (--embedding-model), served beside the chat model."""
+
+    path: Path
+    id: str
+    architecture: str
+
+
+def _check_gguf(
+    path: Path, flag: str, *, keep_arrays: Callable[[str], bool] = lambda _k: False
+) -> dict[str, Any]:
+    """The GGUF's metadata (see read_metadata), or StartupError naming `flag`."""
+    if not path.exists():
+        raise StartupError(f"{flag} {path}: no such file")
+    if not path.is_file():
+        raise StartupError(f"{flag} {path}: not a file")
+    if not is_gguf(path):
+        raise StartupError(f"{flag} {path}: not a GGUF file (legacy GGML files are not supported)")
+    try:
+        return read_metadata(path, keep_arrays=keep_arrays)
+    except (GGUFError, OSError) as exc:
+        raise StartupError(f"{flag} {path}: cannot read GGUF metadata: {exc}") from None
+
+
+def resolve_embedding_model(settings: Settings, chat: ModelSpec) -> EmbeddingSpec | None:
+    """The --embedding-model, checked before anything heavy starts (any architecture: embedding
+    models are often BERT-like). Its id is the file's stem and must differ from the chat
+    model's, since the id picks the model. Raises StartupError."""
+    if settings.embedding_model is None:
+        return None
+    path = settings.embedding_model.expanduser()
+    meta = _check_gguf(path, "--embedding-model")
+    if path.stem == chat.id:
+        raise StartupError(
+            f"--embedding-model {path}: its id '{path.stem}' is the chat model's too; "
+            "rename the file (the id is the file's stem)"
+        )
+    return EmbeddingSpec(path=path, id=path.stem, architecture=str(meta.get("general.architecture", "")))
+
+
 def _token_text(tokens: object, token_id: object) -> str:
     if isinstance(tokens, list) and isinstance(token_id, int) and 0 <= token_id < len(tokens):
         return str(tokens[token_id])
@@ -66,17 +109,8 @@ def resolve_model(settings: Settings) -> ModelSpec:
         default_id = BUNDLED_ID
     else:
         path = settings.model.expanduser()
-        if not path.exists():
-            raise StartupError(f"--model {path}: no such file")
-        if not path.is_file():
-            raise StartupError(f"--model {path}: not a file")
-        if not is_gguf(path):
-            raise StartupError(f"--model {path}: not a GGUF file (legacy GGML files are not supported)")
         default_id = path.stem
-    try:
-        meta = read_metadata(path, keep_arrays=lambda key: key == "tokenizer.ggml.tokens")
-    except (GGUFError, OSError) as exc:
-        raise StartupError(f"--model {path}: cannot read GGUF metadata: {exc}") from None
+    meta = _check_gguf(path, "--model", keep_arrays=lambda key: key == "tokenizer.ggml.tokens")
     arch = str(meta.get("general.architecture", "")).lower()
     if arch != settings.model_architecture:
         raise StartupError(

@@ -190,3 +190,19 @@ def test_full_queue_is_429_and_queued_disconnect_is_dropped(small_server: Server
     assert stats["n_running"] == 0
     ok = httpx.post(small_server.v1 + "/completions", json={"model": "tiny-llama", "prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_evicted_prompt_comes_back_from_the_host_memory_cache(small_server: Server) -> None:
+    """One slot: a second prompt evicts the first from the slot, which saves it to the prompt
+    cache; when the first prompt comes back, its prefix is restored, not prefilled."""
+    small_server.wait_idle()
+    url = small_server.v1 + "/completions"
+    first = f"Session {time.monotonic_ns()}: " + "a long shared system prompt about llamas " * 8
+    other = f"Other {time.monotonic_ns()}: " + "something else entirely, about boats " * 8
+    body = {"model": "tiny-llama", "max_tokens": 2, "ignore_eos": True}
+    a = httpx.post(url, json={**body, "prompt": first}, timeout=60).json()
+    b = httpx.post(url, json={**body, "prompt": other}, timeout=60).json()
+    again = httpx.post(url, json={**body, "prompt": first}, timeout=60).json()
+    assert b["usage"]["prompt_tokens_details"]["cached_tokens"] < 10  # nothing to reuse
+    assert again["usage"]["prompt_tokens"] == a["usage"]["prompt_tokens"] > 40
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == a["usage"]["prompt_tokens"] - 1

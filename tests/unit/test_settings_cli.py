@@ -36,7 +36,9 @@ VALID: dict[str, tuple[str, Any]] = {
     "batch_size": ("1024", 1024),
     "max_queue": ("0", 0),
     "model_alias": ("gpt-x", "gpt-x"),
+    "embedding_model": ("/models/e.gguf", Path("/models/e.gguf")),
     "max_body_bytes": ("2048", 2048),
+    "prompt_cache_mib": ("64", 64),
     "log_level": ("WARNING", "warning"),
 }
 
@@ -101,6 +103,7 @@ def test_defaults_without_flags_or_environment() -> None:
     s = load_settings([])
     assert s.model_architecture == "llama"
     assert s.model is None
+    assert s.embedding_model is None
     assert s.host == "0.0.0.0"
     assert s.port == 3000
     assert s.prefer_mmap is True

@@ -13,6 +13,7 @@ from cria.models.spec import (
     BUNDLED_ID,
     CHATML_TEMPLATE,
     bundled_model_path,
+    resolve_embedding_model,
     resolve_model,
 )
 from cria.settings import Settings
@@ -133,3 +134,34 @@ def test_no_model_option_resolves_the_bundled_model() -> None:
 def test_bundled_model_with_the_wrong_architecture() -> None:
     with pytest.raises(StartupError, match="pass -a llama"):
         resolve_model(settings(model_architecture="qwen2"))
+
+
+def test_embedding_model_is_optional(tmp_path: Path) -> None:
+    chat = resolve_model(settings(model=write_gguf(tmp_path / "chat.gguf", model_pairs())))
+    assert resolve_embedding_model(settings(), chat) is None
+
+
+def test_embedding_model_of_any_architecture(tmp_path: Path) -> None:
+    chat = resolve_model(settings(model=write_gguf(tmp_path / "chat.gguf", model_pairs())))
+    path = write_gguf(tmp_path / "my-embedder.gguf", model_pairs(arch="bert"))
+    spec = resolve_embedding_model(settings(embedding_model=path), chat)
+    assert spec is not None
+    assert (spec.id, spec.path, spec.architecture) == ("my-embedder", path, "bert")
+
+
+def test_embedding_model_problems_name_the_flag(tmp_path: Path) -> None:
+    chat = resolve_model(settings(model=write_gguf(tmp_path / "chat.gguf", model_pairs())))
+    not_gguf = tmp_path / "e.bin"
+    not_gguf.write_bytes(b"ggml" + b"\0" * 64)
+    for path in (tmp_path / "missing.gguf", tmp_path, not_gguf):
+        with pytest.raises(StartupError, match="--embedding-model"):
+            resolve_embedding_model(settings(embedding_model=path), chat)
+
+
+def test_embedding_model_id_must_differ_from_the_chat_model(tmp_path: Path) -> None:
+    chat = resolve_model(settings(model=write_gguf(tmp_path / "chat.gguf", model_pairs())))
+    other = tmp_path / "other"
+    other.mkdir()
+    same_stem = write_gguf(other / "chat.gguf", model_pairs())
+    with pytest.raises(StartupError, match="--embedding-model"):
+        resolve_embedding_model(settings(embedding_model=same_stem), chat)

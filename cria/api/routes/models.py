@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from cria.api import protocol
-from cria.api.state import state_of
+from cria.api.state import AppState, state_of
+from cria.errors import ModelNotFound
 
 router = APIRouter()
 
@@ -15,11 +18,19 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     state = state_of(request)
-    return JSONResponse({"object": "list", "data": [protocol.model_card(state.spec.id, state.created)]})
+    return JSONResponse({"object": "list", "data": _cards(state)})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> JSONResponse:
-    state = state_of(request)
-    state.check_model(model_id)
-    return JSONResponse(protocol.model_card(state.spec.id, state.created))
+    for card in _cards(state_of(request)):
+        if card["id"] == model_id:
+            return JSONResponse(card)
+    raise ModelNotFound(f"the model '{model_id}' does not exist", param="model")
+
+
+def _cards(state: AppState) -> list[dict[str, Any]]:
+    cards = [protocol.model_card(state.spec.id, state.created)]
+    if state.embedding_spec is not None:
+        cards.append(protocol.model_card(state.embedding_spec.id, state.embedding_created))
+    return cards

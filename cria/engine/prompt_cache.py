@@ -1,0 +1,66 @@
+"""A host-memory cache of evicted prompts' KV state, as llama.cpp's server keeps one.
+
+When a slot is about to be reused for a different prompt, the engine saves the slot's KV state
+here (a few MB for a few hundred tokens); a later request whose prompt shares a longer prefix
+with a saved entry than with any slot restores it instead of prefilling. Pure policy and
+storage (no llama.cpp): entries are opaque bytes, evicted least-recently-used within a byte
+budget.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cria.engine.slots import common_prefix_len
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPrompt:
+    tokens: tuple[int, ...]
+    state: bytes
+
+
+class PromptCache:
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[tuple[int, ...], CachedPrompt] = OrderedDict()
+        self.n_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def covers(self, tokens: Sequence[int]) -> bool:
+        """True if an entry already holds all of `tokens` (saving them again is pointless)."""
+        n = len(tokens)
+        return any(len(key) >= n and key[:n] == tuple(tokens) for key in self._entries)
+
+    def put(self, tokens: Sequence[int], state: bytes) -> None:
+        if len(state) > self.capacity_bytes or not tokens:
+            return
+        key = tuple(tokens)
+        # An entry that is a prefix of the new one is now redundant.
+        for old in [k for k in self._entries if len(k) <= len(key) and key[: len(k)] == k]:
+            self._drop(old)
+        self._entries[key] = CachedPrompt(key, state)
+        self.n_bytes += len(state)
+        while self.n_bytes > self.capacity_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def best(self, prompt: Sequence[int]) -> tuple[CachedPrompt, int] | None:
+        """The entry sharing the longest prefix with `prompt` (capped at len(prompt) - 1, as
+        the last prompt token is always decoded), marked as recently used."""
+        cap = max(len(prompt) - 1, 0)
+        best: tuple[CachedPrompt, int] | None = None
+        for entry in self._entries.values():
+            n = min(common_prefix_len(entry.tokens, prompt), cap)
+            if n > 0 and (best is None or n > best[1]):
+                best = (entry, n)
+        if best is not None:
+            self._entries.move_to_end(best[0].tokens)
+        return best
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        entry = self._entries.pop(key)
+        self.n_bytes -= len(entry.state)
