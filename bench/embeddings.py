@@ -94,8 +94,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-async def chat_gaps(client: httpx.AsyncClient, model: str, max_tokens: int) -> list[float]:
-    """Gaps (s) between consecutive content chunks of one greedy streaming chat."""
+async def chat_gaps(client: httpx.AsyncClient, model: str, max_tokens: int) -> tuple[float, list[float]]:
+    """Time to the first content chunk and the gaps (s) between consecutive content chunks of
+    one greedy streaming chat."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
@@ -105,6 +106,7 @@ async def chat_gaps(client: httpx.AsyncClient, model: str, max_tokens: int) -> l
         "ignore_eos": True,
     }
     stamps: list[float] = []
+    started = time.perf_counter()
     async with client.stream("POST", "/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -113,7 +115,7 @@ async def chat_gaps(client: httpx.AsyncClient, model: str, max_tokens: int) -> l
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - started, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def gap_summary(gaps: list[float]) -> dict[str, float]:
@@ -130,17 +132,18 @@ async def chat_gap_under_load(
     client: httpx.AsyncClient, model: str, chat_model: str, max_tokens: int, n_requests: int, n_inputs: int
 ) -> dict[str, Any]:
     await chat_gaps(client, chat_model, 8)  # warm-up
-    unloaded = gap_summary(await chat_gaps(client, chat_model, max_tokens))
+    ttft_alone, gaps_alone = await chat_gaps(client, chat_model, max_tokens)
+    unloaded = {**gap_summary(gaps_alone), "ttft_ms": 1e3 * ttft_alone}
     load = [
         asyncio.ensure_future(embed(client, model, short_inputs(n_inputs, salt=1000 + j)))
         for j in range(n_requests)
     ]
     await asyncio.sleep(0.5)  # the embedding load is queued and running
-    loaded_gaps = await chat_gaps(client, chat_model, max_tokens)
+    ttft_loaded, loaded_gaps = await chat_gaps(client, chat_model, max_tokens)
     n_done_during_chat = sum(1 for f in load if f.done())
     started = time.perf_counter()
     await asyncio.gather(*load)
-    loaded = gap_summary(loaded_gaps)
+    loaded = {**gap_summary(loaded_gaps), "ttft_ms": 1e3 * ttft_loaded}
     return {
         "chat_max_tokens": max_tokens,
         "embedding_requests": n_requests,
@@ -175,7 +178,8 @@ async def run(args: argparse.Namespace, base_url: str, *, chat_gap: bool) -> dic
             print(
                 f"chat gap p95: {gap['unloaded']['p95_ms']:.1f} ms alone, "
                 f"{gap['loaded']['p95_ms']:.1f} ms under load ({gap['p95_ratio']:.2f}x); "
-                f"max {gap['unloaded']['max_ms']:.1f} / {gap['loaded']['max_ms']:.1f} ms"
+                f"max {gap['unloaded']['max_ms']:.1f} / {gap['loaded']['max_ms']:.1f} ms; "
+                f"TTFT {gap['unloaded']['ttft_ms']:.0f} / {gap['loaded']['ttft_ms']:.0f} ms"
             )
         return out
 

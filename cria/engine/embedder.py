@@ -49,16 +49,19 @@ class Embedder:
         model: LlamaModel,
         *,
         n_batch: int,
+        n_budget: int,
         n_threads: int,
         on_finished: Callable[[EmbeddingJob], None],
     ) -> None:
         self.model = model
-        self.n_batch = n_batch  # tokens per decode; holds the longest input allowed
+        self.n_batch = n_batch  # capacity of a decode: holds the longest input allowed
         self._n_threads = n_threads
         self._on_finished = on_finished  # called once per job that leaves (done, failed, aborted)
         self._n_seqs = min(MAX_SEQS_PER_DECODE, n_batch)
         self._pending: deque[tuple[EmbeddingJob, int]] = deque()  # (job, input index)
-        self._pacer = EmbeddingPacer(n_batch=n_batch)
+        # A decode takes at most n_budget tokens (--batch-size), unless one input alone is longer:
+        # a request for a chat arriving meanwhile waits for one decode at most.
+        self._pacer = EmbeddingPacer(n_batch=min(n_budget, n_batch))
         self._ctx: EmbeddingContext | None = None
         self._batch: Batch | None = None
         self.n_decodes = 0
@@ -105,7 +108,9 @@ class Embedder:
             batch.add_sequence(job.req.inputs[i], seq)
         started = time.perf_counter()
         result = ctx.decode(batch)
-        self._pacer.on_embedding_decode(batch.n_tokens, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._pacer.on_embedding_decode(batch.n_tokens, seconds)
+        log.debug("embedding decode: %d inputs, %d tokens, %.3f s", n, batch.n_tokens, seconds)
         self.n_decodes += 1
         self.max_inputs_per_decode = max(self.max_inputs_per_decode, len(items))
         if result is not DecodeResult.OK:

@@ -459,6 +459,7 @@ class Engine:
         self._embedder = Embedder(
             model,
             n_batch=max(self.config.n_batch, n_max),
+            n_budget=self.config.n_batch,
             n_threads=self.config.n_threads,
             on_finished=self._embedding_finished,
         )

@@ -77,7 +77,7 @@ def pack_inputs(lengths: Iterable[int], *, budget: int, max_seqs: int) -> int:
 class EmbeddingPacer:
     """When the engine runs an embedding decode, and how many tokens it may take.
 
-    Generation idle: one full batch after another. Generation running: at most one embedding
+    Generation idle: one full batch (`n_batch` tokens) after another. Generation running: at most one embedding
     decode every `every_n_steps` generation steps, sized to take about `share` of the engine's
     time (the measured seconds per embedding token turn time into tokens), though never less
     than one whole input. So most inter-token gaps of a stream carry no embedding work at all,

@@ -22,11 +22,14 @@ from tests.e2e.test_errors import assert_error
 EMBEDDINGS = "/v1/embeddings"
 N_DIMS = 576  # SmolLM2-135M's hidden size
 
-# Near-paraphrases and an unrelated sentence (checked against the bundled model; see
-# test_paraphrases_are_closer_than_an_unrelated_sentence for the margin required).
-PARAPHRASE_A = "The cat is sleeping on the sofa."
-PARAPHRASE_B = "A cat sleeps on the couch."
-UNRELATED = "Quarterly tax revenue rose by twelve percent."
+# Near-paraphrases and an unrelated sentence, checked against the bundled model (mean pooling):
+# cosine 0.96 for the pair against 0.65 / 0.59 to the unrelated sentence; the second pair, 0.94
+# against 0.66 / 0.72. The test asks for a margin of 0.1.
+PARAPHRASES = [
+    ("How do I reset my password?", "How can I change my password?", "The volcano erupted last night."),
+    ("He bought a new car yesterday.", "Yesterday he purchased a new automobile.", "Penguins live in Antarctica."),
+]
+PARAPHRASE_A = PARAPHRASES[0][0]
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -129,16 +132,20 @@ def test_cosine_of_a_vector_with_itself_is_one(client: openai.OpenAI) -> None:
     assert cosine(a, again) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_paraphrases_are_closer_than_an_unrelated_sentence(client: openai.OpenAI) -> None:
-    a, b, unrelated = embed(client, [PARAPHRASE_A, PARAPHRASE_B, UNRELATED])
+@pytest.mark.parametrize(("first", "second", "unrelated"), PARAPHRASES)
+def test_paraphrases_are_closer_than_an_unrelated_sentence(
+    client: openai.OpenAI, first: str, second: str, unrelated: str
+) -> None:
+    a, b, c = embed(client, [first, second, unrelated])
     near = cosine(a, b)
-    assert near > cosine(a, unrelated) + 0.05
-    assert near > cosine(b, unrelated) + 0.05
+    assert near > cosine(a, c) + 0.1
+    assert near > cosine(b, c) + 0.1
 
 
 def test_concurrent_requests_are_all_correct(client: openai.OpenAI, server: Server) -> None:
-    requests = [[f"request {k} input {i}: {'word ' * (k + i)}" for i in range(6)] for k in range(8)]
-    expected = [embed(client, inputs) for inputs in requests]
+    requests = [[f"request {k}, input {i}{'!' * i}" for i in range(3)] for k in range(8)]
+    flat = embed(client, [text for inputs in requests for text in inputs])
+    expected = [flat[3 * k : 3 * k + 3] for k in range(8)]
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda inputs: embed(client, inputs), requests))
     for want, have in zip(expected, got):
@@ -147,8 +154,8 @@ def test_concurrent_requests_are_all_correct(client: openai.OpenAI, server: Serv
             assert cosine(w, h) > 0.9999
     stats = server.wait_idle()
     assert stats["n_embedding_jobs"] == 0
-    # Inputs of several requests went through one decode (each request has 6).
-    assert stats["max_inputs_per_embedding_decode"] > 6
+    # Inputs of several requests went through one decode (each request has 3).
+    assert stats["max_inputs_per_embedding_decode"] > 3
 
 
 def test_embeddings_while_a_chat_streams(client: openai.OpenAI) -> None:
@@ -236,7 +243,9 @@ def two_model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     tmp = tmp_path_factory.mktemp("embedder")
     link = tmp / f"{EMBEDDER_ID}.gguf"
     link.symlink_to(bundled_model_path())
-    srv = start_server(tmp, "--embedding-model", str(link), "--parallel", "2", "--context-size", "512")
+    srv = start_server(
+        tmp, "--embedding-model", str(link), "--parallel", "2", "--context-size", "256", "--batch-size", "256"
+    )
     yield srv
     stop_server(srv)
     log = srv.log_path.read_text(errors="replace")
@@ -272,26 +281,26 @@ def test_each_endpoint_rejects_the_other_model(two_model_server: Server) -> None
         completion = {"model": EMBEDDER_ID, "prompt": "Hi", "max_tokens": 2}
         assert_error(http.post("/v1/completions", json=completion), 400, param="model", code="model_not_supported")
         # The smaller context of this server bounds embedding inputs too.
-        r = http.post(EMBEDDINGS, json=body(model=EMBEDDER_ID, input=[[1] * 513]))
+        r = http.post(EMBEDDINGS, json=body(model=EMBEDDER_ID, input=[[1] * 257]))
         assert_error(r, 400, param="input[0]", code="context_length_exceeded")
 
 
 def test_the_longest_allowed_input_is_embedded(two_model_server: Server) -> None:
-    # 512 tokens (this server's context) fill a whole decode: the next input needs another.
+    # 256 tokens (this server's context and batch) fill a whole decode: the next input needs another.
     other = openai.OpenAI(base_url=two_model_server.v1, api_key="unused", max_retries=0, timeout=60)
-    r = other.embeddings.create(model=EMBEDDER_ID, input=[[28] * 512, [29] * 5], encoding_format="float")
-    assert r.usage.prompt_tokens == 517
+    r = other.embeddings.create(model=EMBEDDER_ID, input=[[28] * 256, [29] * 5], encoding_format="float")
+    assert r.usage.prompt_tokens == 261
     assert all(norm(d.embedding) == pytest.approx(1.0, abs=1e-5) for d in r.data)
     assert httpx.get(two_model_server.base_url + "/health", timeout=10).json()["engine"]["n_embedding_decodes"] >= 2
 
 
 def test_a_client_that_leaves_drops_its_remaining_inputs(two_model_server: Server) -> None:
-    # 8 inputs of 200 tokens: 4 decodes of 2 on this server (512 tokens per decode).
+    # 8 inputs of 100 tokens: 4 decodes of 2 on this server (256 tokens per decode).
     before = two_model_server.engine_stats()["n_embedding_decodes"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             two_model_server.v1 + "/embeddings",
-            json={"model": EMBEDDER_ID, "input": [[28 + i] * 200 for i in range(8)]},
+            json={"model": EMBEDDER_ID, "input": [[28 + i] * 100 for i in range(8)]},
             timeout=httpx.Timeout(30, read=0.3),
         )
     deadline = time.monotonic() + 30
