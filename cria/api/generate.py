@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from cria.api.protocol import _SamplingFields
-from cria.engine.engine import Engine, RequestStream
+from cria.engine.engine import Engine
+from cria.engine.stream import RequestStream
 from cria.engine.types import Delta, FinishReason, GenerationRequest, SamplingParams, Usage
 from cria.errors import CriaError, InvalidRequest
 

@@ -29,7 +29,9 @@ from cria.engine.prompt_cache import PromptCache
 from cria.engine.sampling import sampler_recipe
 from cria.engine.scheduler import SeqState, StepPlan, plan_step
 from cria.engine.slots import Slot, SlotTable
+from cria.engine.stream import RequestStream
 from cria.engine.text import Detokenizer, StopMatcher
+from cria.engine.timing import StepTiming
 from cria.engine.types import (
     Delta,
     EmbeddingRequest,
@@ -68,99 +70,6 @@ class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
     DEAD = "dead"
-
-
-class _Closed:
-    """Queued by RequestStream.close() to wake a waiting reader."""
-
-
-_CLOSED = _Closed()
-
-
-class RequestStream:
-    """The Deltas of one request, as an async iterator. Closing it before the last Delta
-    (client gone) aborts the request; the engine frees its slot at the next step."""
-
-    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
-        self.request_id = request_id
-        self._abort = abort
-        self._queue: asyncio.Queue[Delta | CriaError | _Closed] = asyncio.Queue()
-        self._pending: Delta | CriaError | _Closed | None = None
-        self._is_finished = False
-
-    def put(self, item: Delta | CriaError | _Closed) -> None:
-        """Called on the event loop (the engine hands items over with call_soon_threadsafe)."""
-        self._queue.put_nowait(item)
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> Delta:
-        """The next Delta; Deltas that queued up while the reader was busy come merged into
-        one, so a reader that falls behind (many streams) catches up in fewer, larger chunks."""
-        if self._is_finished:
-            raise StopAsyncIteration
-        item = self._pending if self._pending is not None else await self._queue.get()
-        self._pending = None
-        if isinstance(item, _Closed) or self._is_finished:  # closed while we waited
-            self._is_finished = True
-            raise StopAsyncIteration
-        if isinstance(item, CriaError):
-            self._is_finished = True
-            raise item
-        queue = self._queue
-        while item.finish_reason is None and not queue.empty():
-            nxt = queue.get_nowait()
-            if not isinstance(nxt, Delta):  # an error or the close marker: hand it out next
-                self._pending = nxt
-                break
-            item = Delta(item.text + nxt.text, item.n_tokens + nxt.n_tokens, nxt.finish_reason, nxt.usage)
-        if item.finish_reason is not None:
-            self._is_finished = True
-        return item
-
-    def close(self) -> None:
-        """Abort the request if it is still running; a reader waiting on it stops."""
-        if not self._is_finished:
-            self._is_finished = True
-            self._abort(self.request_id)
-            self._queue.put_nowait(_CLOSED)
-
-    async def aclose(self) -> None:
-        self.close()
-
-
-@dataclass(slots=True)
-class StepTiming:
-    """Where the engine's step time goes. `python` is everything outside llama_decode and
-    sampling: planning, batch filling, detokenizing, stop matching, hand-off."""
-
-    n_steps: int = 0
-    n_seq_steps: int = 0  # sequences summed over steps
-    busy_s: float = 0.0
-    decode_s: float = 0.0
-    sample_s: float = 0.0
-
-    def add_step(self, seconds: float, n_seqs: int) -> None:
-        self.n_steps += 1
-        self.n_seq_steps += n_seqs
-        self.busy_s += seconds
-
-    @property
-    def python_s(self) -> float:
-        return max(self.busy_s - self.decode_s - self.sample_s, 0.0)
-
-    @property
-    def python_us_per_step(self) -> float:
-        return 1e6 * self.python_s / self.n_steps if self.n_steps else 0.0
-
-    @property
-    def python_us_per_seq(self) -> float:
-        return 1e6 * self.python_s / self.n_seq_steps if self.n_seq_steps else 0.0
-
-    @property
-    def python_share(self) -> float:
-        return self.python_s / self.busy_s if self.busy_s else 0.0
 
 
 @dataclass(slots=True)
