@@ -79,7 +79,8 @@ class LlamaModel:
         init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        params.use_mmap = use_mmap
+        # llama.h's load_mode (this version has no use_mmap): MMAP = 1, NONE = 0 (read).
+        params.load_mode = 1 if use_mmap else 0
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise LlamaError(f"llama.cpp could not load {path}")
