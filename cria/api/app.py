@@ -11,12 +11,15 @@ from fastapi import FastAPI
 
 from cria import __version__
 from cria.api.errors import install_error_handlers
-from cria.api.routes import chat, completions, embeddings, health, models
+from cria.api.middleware import RequestMetrics
+from cria.api.routes import chat, completions, embeddings, health, metrics, models
 from cria.api.state import AppState
 from cria.chat.template import ChatTemplate
 from cria.engine.engine import Engine
+from cria.engine.llama import library_version
 from cria.models.spec import EmbeddingSpec, ModelSpec
 from cria.settings import Settings
+from cria.telemetry.metrics import Metrics
 
 
 def _created(path: Path) -> int:
@@ -31,7 +34,16 @@ def create_app(
     embedding_spec: EmbeddingSpec | None = None,
 ) -> FastAPI:
     """Build the app around an engine. The lifespan starts the engine thread (the model loads
-    in the background: /health says 503 until it is ready) and stops it on shutdown."""
+    in the background: /health says 503 until it is ready) and stops it on shutdown. The app
+    has its own metrics registry, and the engine reports its steps to it."""
+    app_metrics = Metrics(
+        model_id=spec.id,
+        architecture=spec.architecture,
+        context_size=settings.context_size,
+        gpu_layers=settings.n_gpu_layers,
+        llama_cpp_version=library_version(),
+    )
+    engine.set_observer(app_metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -54,10 +66,12 @@ def create_app(
         engine=engine,
         template=ChatTemplate(spec.chat_template, bos_token=spec.bos_text, eos_token=spec.eos_text),
         created=_created(spec.path),
+        metrics=app_metrics,
         embedding_spec=embedding_spec,
         embedding_created=_created(embedding_spec.path) if embedding_spec is not None else 0,
     )
     install_error_handlers(app)
-    for module in (models, completions, chat, embeddings, health):
+    app.add_middleware(RequestMetrics, metrics=app_metrics)
+    for module in (models, completions, chat, embeddings, health, metrics):
         app.include_router(module.router)
     return app

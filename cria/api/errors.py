@@ -70,9 +70,15 @@ def from_validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"invalid value for '{param}': {reasons}", param=param, code="invalid_value")
 
 
-async def _cria_error(_request: Request, exc: Exception) -> Response:
+def _respond(request: Request, error: CriaError) -> JSONResponse:
+    """Every error response passes here: it is counted by type."""
+    request.app.state.cria.metrics.record_error(error.type)
+    return error_response(error)
+
+
+async def _cria_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, CriaError)
-    return error_response(exc)
+    return _respond(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -85,12 +91,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         err = CriaError(str(exc.detail))
         err.status = exc.status_code
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(err)
+    return _respond(request, err)
 
 
-async def _unexpected(_request: Request, exc: Exception) -> Response:
+async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(EngineFailure("internal server error"))
+    return _respond(request, EngineFailure("internal server error"))
 
 
 def install_error_handlers(app: Any) -> None:

@@ -12,6 +12,7 @@ from cria.engine.engine import Engine
 from cria.engine.stream import RequestStream
 from cria.engine.types import Delta, FinishReason, GenerationRequest, SamplingParams, Usage
 from cria.errors import CriaError, InvalidRequest
+from cria.telemetry.metrics import Metrics
 
 
 def new_id(prefix: str) -> str:
@@ -57,6 +58,19 @@ def close_all(streams: Sequence[RequestStream]) -> None:
         stream.close()
 
 
+def cancel_all(streams: Sequence[RequestStream], metrics: Metrics) -> None:
+    """The client went away: abort every stream, and count the request as cancelled."""
+    metrics.record_cancelled()
+    close_all(streams)
+
+
+def _record(metrics: Metrics, delta: Delta) -> None:
+    """Record a sequence's last Delta (tokens, finish reason, engine timings)."""
+    assert delta.finish_reason is not None and delta.usage is not None
+    assert delta.timings is not None
+    metrics.record_finished(delta.finish_reason, delta.usage, delta.timings)
+
+
 @dataclass(slots=True)
 class ChoiceResult:
     text: str
@@ -64,30 +78,37 @@ class ChoiceResult:
     usage: Usage
 
 
-async def _collect_one(stream: RequestStream) -> ChoiceResult:
+async def _collect_one(stream: RequestStream, metrics: Metrics) -> ChoiceResult:
     parts: list[str] = []
     async for delta in stream:
         parts.append(delta.text)
         if delta.finish_reason is not None:
             assert delta.usage is not None
+            _record(metrics, delta)
             return ChoiceResult("".join(parts), delta.finish_reason, delta.usage)
     raise CriaError("the request ended without a result")
 
 
-async def collect(streams: Sequence[RequestStream]) -> list[ChoiceResult]:
+async def collect(streams: Sequence[RequestStream], metrics: Metrics) -> list[ChoiceResult]:
+    """Every stream's whole result; each finished sequence is recorded in `metrics`."""
     try:
-        return list(await asyncio.gather(*(_collect_one(s) for s in streams)))
+        return list(await asyncio.gather(*(_collect_one(s, metrics) for s in streams)))
     finally:
         for stream in streams:
             stream.close()
 
 
-async def merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
-    """Deltas of several streams as they come, tagged with the stream's index. Closing the
-    iterator closes (aborts) every stream that has not finished."""
+async def merge(
+    streams: Sequence[RequestStream], metrics: Metrics
+) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of several streams as they come, tagged with the stream's index; each finished
+    sequence is recorded in `metrics`. Closing the iterator closes (aborts) every stream that
+    has not finished."""
     if len(streams) == 1:
         try:
             async for delta in streams[0]:
+                if delta.finish_reason is not None:
+                    _record(metrics, delta)
                 yield 0, delta
         finally:
             streams[0].close()
@@ -112,6 +133,8 @@ async def merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, De
             elif isinstance(item, BaseException):
                 raise item
             else:
+                if item.finish_reason is not None:
+                    _record(metrics, item)
                 yield index, item
     finally:
         for task in tasks:

@@ -36,17 +36,24 @@ def event(body: Any) -> bytes:
     return b"data: " + dumps(body).encode("utf-8") + b"\n\n"
 
 
-async def frames(events: AsyncIterator[dict[str, Any]]) -> AsyncGenerator[bytes, None]:
+async def frames(
+    events: AsyncIterator[dict[str, Any]], *, on_error: Callable[[CriaError], None] | None = None
+) -> AsyncGenerator[bytes, None]:
     """Frame `events` as SSE: each event, then [DONE]. An error raised after the headers went
-    out becomes an error event, then [DONE]."""
+    out becomes an error event (told to `on_error`), then [DONE]."""
+    error: CriaError | None = None
     try:
         async for body in events:
             yield event(body)
     except CriaError as exc:
-        yield event(error_body(exc))
+        error = exc
     except Exception:
         log.exception("stream failed")
-        yield event(error_body(EngineFailure("internal server error")))
+        error = EngineFailure("internal server error")
+    if error is not None:
+        if on_error is not None:
+            on_error(error)
+        yield event(error_body(error))
     yield DONE
 
 
@@ -56,15 +63,18 @@ class SSEResponse(Response):
         events: AsyncIterator[dict[str, Any]],
         *,
         on_disconnect: Callable[[], None],
+        on_error: Callable[[CriaError], None] | None = None,
         keepalive_seconds: float = KEEPALIVE_SECONDS,
     ) -> None:
         """`on_disconnect` is called once if the client leaves: it must make `events` end
-        (closing the engine streams does: their readers wake and stop)."""
+        (closing the engine streams does: their readers wake and stop). `on_error` is told
+        about an error sent as an SSE event."""
         self.status_code = 200
         self.background = None
         self._events = events
         self._on_disconnect = on_disconnect
         self._keepalive_seconds = keepalive_seconds
+        self._on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -101,7 +111,7 @@ class SSEResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         self.status_code = 200
         helpers = [asyncio.ensure_future(watch()), asyncio.ensure_future(keepalive())]
-        stream = frames(self._events)
+        stream = frames(self._events, on_error=self._on_error)
         try:
             async for frame in stream:
                 await send_body(frame)

@@ -11,6 +11,7 @@ from cria.engine.engine import Engine
 from cria.errors import InvalidRequest, ModelNotFound
 from cria.models.spec import EmbeddingSpec, ModelSpec
 from cria.settings import Settings
+from cria.telemetry.metrics import Metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,7 @@ class AppState:
     engine: Engine
     template: ChatTemplate
     created: int  # the served model's "created" timestamp
+    metrics: Metrics
     embedding_spec: EmbeddingSpec | None = None  # a dedicated embedding model, if any
     embedding_created: int = 0
 

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from cria.engine.types import (
     EngineStats,
     FinishReason,
     GenerationRequest,
+    Timings,
     Usage,
 )
 from cria.errors import (
@@ -66,6 +68,13 @@ class EngineConfig:
     prompt_cache_bytes: int = 0  # host memory for evicted prompts' KV state (0: off)
 
 
+class StepObserver(Protocol):
+    """Told about every generation step, on the engine thread (keep it cheap: once per step,
+    never per token). The metrics object implements it; the engine never imports it."""
+
+    def observe_step(self, seconds: float, n_seqs: int) -> None: ...
+
+
 class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -86,6 +95,11 @@ class _Seq:
     sampler: SamplerChain | None = None
     detok: Detokenizer = field(default_factory=Detokenizer)
     stops: StopMatcher | None = None
+    # perf_counter() instants for Timings (submitted is taken on the event loop)
+    t_submitted: float = 0.0
+    t_admitted: float = 0.0
+    t_first_token: float | None = None
+    n_sampled: int = 0
 
     @property
     def n_prompt_left(self) -> int:
@@ -134,6 +148,11 @@ class Engine:
         self._n_steps = 0
         self._max_seqs_per_step = 0
         self._ready = threading.Event()
+        self._observer: StepObserver | None = None
+
+    def set_observer(self, observer: StepObserver | None) -> None:
+        """Call before start(): the engine thread reads it without a lock."""
+        self._observer = observer
 
     # ---- public API (any thread) ----
 
@@ -207,7 +226,9 @@ class Engine:
         if any(t < 0 or t >= n_vocab for t in req.prompt):
             raise InvalidRequest(f"the prompt holds a token id outside [0, {n_vocab})", param="prompt")
         stream = RequestStream(req.id, self.abort)
-        seq = _Seq(req=req, stream=stream, loop=asyncio.get_running_loop())
+        seq = _Seq(
+            req=req, stream=stream, loop=asyncio.get_running_loop(), t_submitted=time.perf_counter()
+        )
         with self._cond:
             if self._n_queued >= self.config.max_queue:
                 raise Overloaded(
@@ -282,6 +303,7 @@ class Engine:
             n_waiting = self._n_queued
             n_embedding_jobs = self._n_embed_jobs
         timing = self._timing
+        slots = self._slots.slots  # read racily from another thread: a snapshot for display
         return EngineStats(
             python_us_per_step=timing.python_us_per_step,
             python_us_per_seq=timing.python_us_per_seq,
@@ -296,6 +318,9 @@ class Engine:
             max_inputs_per_embedding_decode=(
                 self._embedder.max_inputs_per_decode if self._embedder is not None else 0
             ),
+            n_slots_free=sum(1 for s in slots if not s.is_busy),
+            n_kv_used_cells=sum(len(s.cached) for s in slots),
+            n_kv_total_cells=self.config.n_slots * self.config.n_ctx_per_seq,
         )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -452,7 +477,10 @@ class Engine:
         self._flush()
         if not plan.is_empty:
             seconds = time.perf_counter() - started
-            self._timing.add_step(seconds, len(plan.decodes) + len(plan.prefills))
+            n_seqs = len(plan.decodes) + len(plan.prefills)
+            self._timing.add_step(seconds, n_seqs)
+            if self._observer is not None:
+                self._observer.observe_step(seconds, n_seqs)
             if self._embedder is not None:
                 self._embedder.on_generation_step(seconds)
         if self._embedder is not None:
@@ -493,6 +521,7 @@ class Engine:
                     n_reuse = 0
                 seq.slot = self._slots.acquire(slot_id, n_reuse)
             seq.n_cached = n_reuse
+            seq.t_admitted = time.perf_counter()
             params = seq.req.sampling
             is_plain_greedy = params.is_greedy and not params.has_penalties and not params.logit_bias
             try:
@@ -623,7 +652,11 @@ class Engine:
             for seq, _row in sampled:
                 self._fail(seq, EngineFailure(f"sampling failed: {exc}"))
             return
+        now = time.perf_counter()
         for (seq, _row), token in zip(sampled, tokens):
+            if seq.t_first_token is None:
+                seq.t_first_token = now
+            seq.n_sampled += 1
             try:
                 assert seq.stops is not None
                 if model.is_eog(token) and not seq.req.ignore_eos:
@@ -655,7 +688,15 @@ class Engine:
             else:
                 text += seq.stops.flush()
         usage = Usage(len(seq.req.prompt), seq.n_generated, seq.n_cached)
-        self._emit(seq, Delta(text, n_tokens, reason, usage))
+        assert seq.t_first_token is not None  # a request completes only after a sample
+        timings = Timings(
+            submitted=seq.t_submitted,
+            admitted=seq.t_admitted,
+            first_token=seq.t_first_token,
+            finished=time.perf_counter(),
+            n_sampled=seq.n_sampled,
+        )
+        self._emit(seq, Delta(text, n_tokens, reason, usage, timings))
         self._finish(seq)
 
     def _fail(self, seq: _Seq, error: CriaError) -> None:

@@ -53,7 +53,13 @@ class RequestStream:
             if not isinstance(nxt, Delta):  # an error or the close marker: hand it out next
                 self._pending = nxt
                 break
-            item = Delta(item.text + nxt.text, item.n_tokens + nxt.n_tokens, nxt.finish_reason, nxt.usage)
+            item = Delta(
+                item.text + nxt.text,
+                item.n_tokens + nxt.n_tokens,
+                nxt.finish_reason,
+                nxt.usage,
+                nxt.timings,
+            )
         if item.finish_reason is not None:
             self._is_finished = True
         return item

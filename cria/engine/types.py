@@ -61,13 +61,51 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Timings:
+    """`time.perf_counter()` instants of one request's life, taken by the engine (the HTTP
+    layer turns them into latency metrics). `n_sampled` counts every sampled token, an
+    end-of-generation token included."""
+
+    submitted: float
+    admitted: float
+    first_token: float
+    finished: float  # when the engine completed it (just after its last sample)
+    n_sampled: int
+
+    @property
+    def queue_s(self) -> float:
+        return self.admitted - self.submitted
+
+    @property
+    def prefill_s(self) -> float:
+        return self.first_token - self.admitted
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token - self.submitted
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finished - self.submitted
+
+    @property
+    def inter_token_s(self) -> float | None:
+        """Mean time between two sampled tokens of this request; None below two tokens."""
+        if self.n_sampled < 2:
+            return None
+        return (self.finished - self.first_token) / (self.n_sampled - 1)
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
-    """New output of one request. The last Delta has `finish_reason` and `usage` set."""
+    """New output of one request. The last Delta has `finish_reason`, `usage` and `timings`
+    set."""
 
     text: str
     n_tokens: int
     finish_reason: FinishReason | None = None  # None while running
     usage: Usage | None = None
+    timings: Timings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +142,6 @@ class EngineStats:
     n_embedding_jobs: int = 0  # embedding requests queued or in progress
     n_embedding_decodes: int = 0
     max_inputs_per_embedding_decode: int = 0  # evidence of batching across requests
+    n_slots_free: int = 0
+    n_kv_used_cells: int = 0  # tokens held in the slots' KV streams (idle slots keep theirs)
+    n_kv_total_cells: int = 0  # slots x context size

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from cria.api import protocol
 from cria.api.generate import (
-    close_all,
+    cancel_all,
     collect,
     merge,
     new_id,
@@ -125,7 +125,7 @@ async def create_chat_completion(request: Request) -> Response:
             for j in range(n):
                 yield chunk([protocol.chat_chunk_choice(j, {"role": "assistant", "content": ""})])
             usages: list[Usage] = []
-            async for index, delta in merge(streams):
+            async for index, delta in merge(streams, state.metrics):
                 if delta.text:
                     yield chunk([protocol.chat_chunk_choice(index, {"content": delta.text})])
                 if delta.finish_reason is not None:
@@ -135,11 +135,16 @@ async def create_chat_completion(request: Request) -> Response:
             if include_usage:
                 yield chunk([], sum_usage([len(tokens)], usages))
 
-        return SSEResponse(events(), on_disconnect=lambda: close_all(streams))
+        return SSEResponse(
+            events(),
+            on_disconnect=lambda: cancel_all(streams, state.metrics),
+            on_error=lambda error: state.metrics.record_error(error.type),
+        )
 
     try:
-        results = await unless_disconnected(request, collect(streams))
-    except ClientGone:
+        results = await unless_disconnected(request, collect(streams, state.metrics))
+    except ClientGone:  # collect() closed the streams
+        state.metrics.record_cancelled()
         return Response(status_code=499)
     choices = [protocol.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
     usage = sum_usage([len(tokens)], [r.usage for r in results])

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from cria.api import protocol
 from cria.api.generate import (
-    close_all,
+    cancel_all,
     collect,
     merge,
     new_id,
@@ -98,7 +98,7 @@ async def create_completion(request: Request) -> Response:
         async def events() -> AsyncIterator[dict[str, Any]]:
             usages: list[Usage] = []
             sent_echo: set[int] = set()
-            async for index, delta in merge(streams):
+            async for index, delta in merge(streams, state.metrics):
                 text = delta.text
                 if index not in sent_echo:
                     sent_echo.add(index)
@@ -114,11 +114,16 @@ async def create_completion(request: Request) -> Response:
                     response_id, created, req.model, [], sum_usage(prompt_lengths, usages)
                 )
 
-        return SSEResponse(events(), on_disconnect=lambda: close_all(streams))
+        return SSEResponse(
+            events(),
+            on_disconnect=lambda: cancel_all(streams, state.metrics),
+            on_error=lambda error: state.metrics.record_error(error.type),
+        )
 
     try:
-        results = await unless_disconnected(request, collect(streams))
-    except ClientGone:
+        results = await unless_disconnected(request, collect(streams, state.metrics))
+    except ClientGone:  # collect() closed the streams
+        state.metrics.record_cancelled()
         return Response(status_code=499)
     choices = [
         protocol.completion_choice(i, echoes[i // n] + r.text, r.finish_reason)

@@ -71,6 +71,7 @@ async def create_embeddings(request: Request) -> Response:
     try:
         result = await unless_disconnected(request, engine.embed(job))
     except ClientGone:
+        state.metrics.record_cancelled()
         return Response(status_code=499)
     return JSONResponse(
         protocol.embedding_list(

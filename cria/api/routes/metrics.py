@@ -1,0 +1,21 @@
+"""GET /metrics: Prometheus text format, from the app's own registry."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cria.api.state import state_of
+from cria.engine.engine import EngineState
+from cria.telemetry.metrics import CONTENT_TYPE
+
+router = APIRouter()
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    if state.engine.state is EngineState.READY:  # the gauges are read at scrape time
+        state.metrics.set_engine(state.engine.stats())
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
