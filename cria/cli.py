@@ -21,7 +21,6 @@ NOT_YET = {
     "tokenizer_repository": "a tokenizer repository (the GGUF's own tokenizer is used)",
     "lora_adapters": "LoRA adapters",
     "n_gqa": "--n-gqa (GGUF files carry their GQA factor)",
-    "zipkin_endpoint": "Zipkin tracing",
 }
 
 

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         "--n-gqa", default=None, ge=1, help="Grouped-query attention factor (legacy GGML; not yet supported)."
     )
     zipkin_endpoint: str | None = _opt(
-        "-z", "--zipkin-endpoint", default=None, help="Zipkin endpoint for traces (not yet supported)."
+        "-z", "--zipkin-endpoint", default=None, help="Zipkin v2 JSON endpoint to export traces to, e.g. http://127.0.0.1:9411/api/v2/spans. Default: no tracing."
     )
 
     # --- Cria's own options ---

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from fastapi import FastAPI
 
 from cria import __version__
 from cria.api.errors import install_error_handlers
-from cria.api.middleware import RequestMetrics
+from cria.api.middleware import RequestMetrics, RequestTracing
 from cria.api.routes import chat, completions, embeddings, health, metrics, models
 from cria.api.state import AppState
 from cria.chat.template import ChatTemplate
@@ -20,6 +21,7 @@ from cria.engine.llama import library_version
 from cria.models.spec import EmbeddingSpec, ModelSpec
 from cria.settings import Settings
 from cria.telemetry.metrics import Metrics
+from cria.telemetry.tracing import Tracing
 
 
 def _created(path: Path) -> int:
@@ -35,7 +37,8 @@ def create_app(
 ) -> FastAPI:
     """Build the app around an engine. The lifespan starts the engine thread (the model loads
     in the background: /health says 503 until it is ready) and stops it on shutdown. The app
-    has its own metrics registry, and the engine reports its steps to it."""
+    has its own metrics registry, and the engine reports its steps to it; with a Zipkin endpoint
+it has its own TracerProvider too, flushed on shutdown."""
     app_metrics = Metrics(
         model_id=spec.id,
         architecture=spec.architecture,
@@ -44,6 +47,7 @@ def create_app(
         llama_cpp_version=library_version(),
     )
     engine.set_observer(app_metrics)
+    tracing = Tracing.create(settings.zipkin_endpoint)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +56,8 @@ def create_app(
             yield
         finally:
             engine.stop()
+            if tracing is not None:  # flush the last spans, off the event loop
+                await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(
         title="Cria",
@@ -69,9 +75,12 @@ def create_app(
         metrics=app_metrics,
         embedding_spec=embedding_spec,
         embedding_created=_created(embedding_spec.path) if embedding_spec is not None else 0,
+        tracing=tracing,
     )
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=app_metrics)
+    if tracing is not None:  # added last: the outermost, so its span covers the whole request
+        app.add_middleware(RequestTracing, tracing=tracing)
     for module in (models, completions, chat, embeddings, health, metrics):
         app.include_router(module.router)
     return app

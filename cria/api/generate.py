@@ -13,6 +13,7 @@ from cria.engine.stream import RequestStream
 from cria.engine.types import Delta, FinishReason, GenerationRequest, SamplingParams, Usage
 from cria.errors import CriaError, InvalidRequest
 from cria.telemetry.metrics import Metrics
+from cria.telemetry.tracing import RequestTrace
 
 
 def new_id(prefix: str) -> str:
@@ -64,11 +65,14 @@ def cancel_all(streams: Sequence[RequestStream], metrics: Metrics) -> None:
     close_all(streams)
 
 
-def _record(metrics: Metrics, delta: Delta) -> None:
-    """Record a sequence's last Delta (tokens, finish reason, engine timings)."""
+def _record(metrics: Metrics, delta: Delta, trace: RequestTrace | None) -> None:
+    """Record a sequence's last Delta (tokens, finish reason, engine timings) in the metrics
+    and, when tracing is on, as its queue/prefill/decode spans."""
     assert delta.finish_reason is not None and delta.usage is not None
     assert delta.timings is not None
     metrics.record_finished(delta.finish_reason, delta.usage, delta.timings)
+    if trace is not None:
+        trace.record_sequence(delta.finish_reason, delta.usage, delta.timings)
 
 
 @dataclass(slots=True)
@@ -78,37 +82,42 @@ class ChoiceResult:
     usage: Usage
 
 
-async def _collect_one(stream: RequestStream, metrics: Metrics) -> ChoiceResult:
+async def _collect_one(
+    stream: RequestStream, metrics: Metrics, trace: RequestTrace | None
+) -> ChoiceResult:
     parts: list[str] = []
     async for delta in stream:
         parts.append(delta.text)
         if delta.finish_reason is not None:
             assert delta.usage is not None
-            _record(metrics, delta)
+            _record(metrics, delta, trace)
             return ChoiceResult("".join(parts), delta.finish_reason, delta.usage)
     raise CriaError("the request ended without a result")
 
 
-async def collect(streams: Sequence[RequestStream], metrics: Metrics) -> list[ChoiceResult]:
-    """Every stream's whole result; each finished sequence is recorded in `metrics`."""
+async def collect(
+    streams: Sequence[RequestStream], metrics: Metrics, *, trace: RequestTrace | None = None
+) -> list[ChoiceResult]:
+    """Every stream's whole result; each finished sequence is recorded in `metrics` (and
+    traced with `trace`)."""
     try:
-        return list(await asyncio.gather(*(_collect_one(s, metrics) for s in streams)))
+        return list(await asyncio.gather(*(_collect_one(s, metrics, trace) for s in streams)))
     finally:
         for stream in streams:
             stream.close()
 
 
 async def merge(
-    streams: Sequence[RequestStream], metrics: Metrics
+    streams: Sequence[RequestStream], metrics: Metrics, *, trace: RequestTrace | None = None
 ) -> AsyncIterator[tuple[int, Delta]]:
     """Deltas of several streams as they come, tagged with the stream's index; each finished
-    sequence is recorded in `metrics`. Closing the iterator closes (aborts) every stream that
+    sequence is recorded in `metrics` (and traced with `trace`). Closing the iterator closes (aborts) every stream that
     has not finished."""
     if len(streams) == 1:
         try:
             async for delta in streams[0]:
                 if delta.finish_reason is not None:
-                    _record(metrics, delta)
+                    _record(metrics, delta, trace)
                 yield 0, delta
         finally:
             streams[0].close()
@@ -134,7 +143,7 @@ async def merge(
                 raise item
             else:
                 if item.finish_reason is not None:
-                    _record(metrics, item)
+                    _record(metrics, item, trace)
                 yield index, item
     finally:
         for task in tasks:

@@ -12,6 +12,7 @@ from cria.errors import InvalidRequest, ModelNotFound
 from cria.models.spec import EmbeddingSpec, ModelSpec
 from cria.settings import Settings
 from cria.telemetry.metrics import Metrics
+from cria.telemetry.tracing import Tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,7 @@ class AppState:
     metrics: Metrics
     embedding_spec: EmbeddingSpec | None = None  # a dedicated embedding model, if any
     embedding_created: int = 0
+    tracing: Tracing | None = None  # None: tracing is off (no --zipkin-endpoint)
 
     @property
     def model_ids(self) -> list[str]:

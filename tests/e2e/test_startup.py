@@ -59,7 +59,7 @@ def test_bad_flag_value_names_the_flag() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["-z", "http://127.0.0.1:9411/api/v2/spans"], ["--n-gqa", "8"], ["-r", "some/repo"]],
+    [["-v", "tokenizer.json"], ["--n-gqa", "8"], ["-r", "some/repo"]],
 )
 def test_options_not_yet_supported_fail_clearly(args: list[str]) -> None:
     assert_one_line_error(run_cria(*args), "not supported yet")

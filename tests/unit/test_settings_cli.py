@@ -293,7 +293,6 @@ def test_main_reports_a_bad_option_and_exits_2(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["-z", "http://zipkin:9411"], "--zipkin-endpoint: Zipkin tracing is not supported yet"),
         (["-l", "a.bin"], "--lora-adapters: LoRA adapters is not supported yet"),
         (["-v", "tok.json"], "--tokenizer-path: an external tokenizer"),
         (["-r", "org/repo"], "--tokenizer-repository: a tokenizer repository"),

@@ -111,6 +111,7 @@ async def create_chat_completion(request: Request) -> Response:
         for j in range(n)
     ]
     streams = submit_all(engine, gens)
+    trace = None if state.tracing is None else state.tracing.for_request(model=req.model, max_tokens=max_tokens)
     response_id, created = new_id("chatcmpl"), int(time.time())
 
     if req.stream:
@@ -125,7 +126,7 @@ async def create_chat_completion(request: Request) -> Response:
             for j in range(n):
                 yield chunk([protocol.chat_chunk_choice(j, {"role": "assistant", "content": ""})])
             usages: list[Usage] = []
-            async for index, delta in merge(streams, state.metrics):
+            async for index, delta in merge(streams, state.metrics, trace=trace):
                 if delta.text:
                     yield chunk([protocol.chat_chunk_choice(index, {"content": delta.text})])
                 if delta.finish_reason is not None:
@@ -142,7 +143,7 @@ async def create_chat_completion(request: Request) -> Response:
         )
 
     try:
-        results = await unless_disconnected(request, collect(streams, state.metrics))
+        results = await unless_disconnected(request, collect(streams, state.metrics, trace=trace))
     except ClientGone:  # collect() closed the streams
         state.metrics.record_cancelled()
         return Response(status_code=499)

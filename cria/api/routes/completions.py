@@ -89,6 +89,7 @@ async def create_completion(request: Request) -> Response:
             )
     echoes = [engine.detokenize(p) if req.echo else "" for p in prompts]
     streams = submit_all(engine, gens)
+    trace = None if state.tracing is None else state.tracing.for_request(model=req.model, max_tokens=requested)
     response_id, created = new_id("cmpl"), int(time.time())
     prompt_lengths = [len(p) for p in prompts]
 
@@ -98,7 +99,7 @@ async def create_completion(request: Request) -> Response:
         async def events() -> AsyncIterator[dict[str, Any]]:
             usages: list[Usage] = []
             sent_echo: set[int] = set()
-            async for index, delta in merge(streams, state.metrics):
+            async for index, delta in merge(streams, state.metrics, trace=trace):
                 text = delta.text
                 if index not in sent_echo:
                     sent_echo.add(index)
@@ -121,7 +122,7 @@ async def create_completion(request: Request) -> Response:
         )
 
     try:
-        results = await unless_disconnected(request, collect(streams, state.metrics))
+        results = await unless_disconnected(request, collect(streams, state.metrics, trace=trace))
     except ClientGone:  # collect() closed the streams
         state.metrics.record_cancelled()
         return Response(status_code=499)
