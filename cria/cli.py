@@ -71,18 +71,16 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
         raise StartupError(_explain(exc, set(args))) from None
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    from cria.telemetry.logs import configure_logging
+
+    configure_logging(level, log_format)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        _configure_logging(settings.log_level)
+        _configure_logging(settings.log_level, settings.log_format)
         for name, what in NOT_YET.items():
             if getattr(settings, name) is not None:
                 flag = flags_of(name)[-1]
@@ -135,7 +133,8 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
+        log_config=None,  # uvicorn's records go to the root handler, in --log-format
+        access_log=False,  # the AccessLog middleware writes the one access line per request
         timeout_graceful_shutdown=5,
     )
     return 0

@@ -138,6 +138,11 @@ class Settings(BaseSettings):
         help="Largest request body accepted; larger bodies get 413.",
     )
     log_level: str = _opt("--log-level", default="info", help="Log level: debug, info, warning, error.")
+    log_format: str = _opt(
+        "--log-format",
+        default="text",
+        help="Log format: text (one line per record) or json (one JSON object per line).",
+    )
 
     @field_validator(
         "model",
@@ -157,6 +162,14 @@ class Settings(BaseSettings):
         value = value.lower()
         if value not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError("must be one of debug, info, warning, error, critical")
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in {"text", "json"}:
+            raise ValueError("must be text or json")
         return value
 
     @field_validator("model_architecture")

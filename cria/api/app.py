@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from cria import __version__
 from cria.api.errors import install_error_handlers
-from cria.api.middleware import RequestMetrics, RequestTracing
+from cria.api.middleware import AccessLog, RequestMetrics, RequestTracing
 from cria.api.routes import chat, completions, embeddings, health, metrics, models
 from cria.api.state import AppState
 from cria.chat.template import ChatTemplate
@@ -79,6 +79,7 @@ it has its own TracerProvider too, flushed on shutdown."""
     )
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=app_metrics)
+    app.add_middleware(AccessLog)
     if tracing is not None:  # added last: the outermost, so its span covers the whole request
         app.add_middleware(RequestTracing, tracing=tracing)
     for module in (models, completions, chat, embeddings, health, metrics):

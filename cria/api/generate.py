@@ -12,6 +12,7 @@ from cria.engine.engine import Engine
 from cria.engine.stream import RequestStream
 from cria.engine.types import Delta, FinishReason, GenerationRequest, SamplingParams, Usage
 from cria.errors import CriaError, InvalidRequest
+from cria.telemetry.logs import note_sequence
 from cria.telemetry.metrics import Metrics
 from cria.telemetry.tracing import RequestTrace
 
@@ -66,11 +67,12 @@ def cancel_all(streams: Sequence[RequestStream], metrics: Metrics) -> None:
 
 
 def _record(metrics: Metrics, delta: Delta, trace: RequestTrace | None) -> None:
-    """Record a sequence's last Delta (tokens, finish reason, engine timings) in the metrics
-    and, when tracing is on, as its queue/prefill/decode spans."""
+    """Record a sequence's last Delta (tokens, finish reason, engine timings) in the metrics,
+    in the request's access line and, when tracing is on, as its queue/prefill/decode spans."""
     assert delta.finish_reason is not None and delta.usage is not None
     assert delta.timings is not None
     metrics.record_finished(delta.finish_reason, delta.usage, delta.timings)
+    note_sequence(delta.usage, delta.timings)
     if trace is not None:
         trace.record_sequence(delta.finish_reason, delta.usage, delta.timings)
 

@@ -1,1 +1,1 @@
-"""Observability: Prometheus metrics (metrics.py)."""
+"""Observability: Prometheus metrics (metrics.py), tracing (tracing.py), logs (logs.py)."""

@@ -40,6 +40,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "max_body_bytes": ("2048", 2048),
     "prompt_cache_mib": ("64", 64),
     "log_level": ("WARNING", "warning"),
+    "log_format": ("JSON", "json"),
 }
 
 # The original options are a contract: their flags must not change.
@@ -72,6 +73,7 @@ BAD: list[tuple[str, str]] = [
     ("gpu_layers", "-1"),
     ("n_gqa", "0"),
     ("log_level", "loud"),
+    ("log_format", "xml"),
     ("zipkin_endpoint", "ftp://zipkin"),
     ("model_architecture", "   "),
 ]
@@ -115,6 +117,7 @@ def test_defaults_without_flags_or_environment() -> None:
     assert s.max_queue == 256
     assert s.max_body_bytes == 8 * 1024 * 1024
     assert s.log_level == "info"
+    assert s.log_format == "text"
     assert s.threads == default_threads()
     for name in NOT_YET:
         assert getattr(s, name) is None
