@@ -695,6 +695,7 @@ class Engine:
             first_token=seq.t_first_token,
             finished=time.perf_counter(),
             n_sampled=seq.n_sampled,
+            slot=None if seq.slot is None else seq.slot.id,
         )
         self._emit(seq, Delta(text, n_tokens, reason, usage, timings))
         self._finish(seq)

@@ -71,6 +71,7 @@ class Timings:
     first_token: float
     finished: float  # when the engine completed it (just after its last sample)
     n_sampled: int
+    slot: int | None = None  # the slot (llama.cpp sequence) that served it
 
     @property
     def queue_s(self) -> float:

@@ -47,6 +47,7 @@ INPUT_TOKENS = "gen_ai.usage.input_tokens"
 OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 FINISH_REASONS = "gen_ai.response.finish_reasons"
 PREFIX_CACHED_TOKENS = "cria.prefix_cached_tokens"
+SLOT = "cria.slot"
 HTTP_METHOD = "http.request.method"
 HTTP_ROUTE = "http.route"
 HTTP_STATUS = "http.response.status_code"
@@ -209,6 +210,8 @@ class RequestTrace:
             REQUEST_MODEL: self.model,
             REQUEST_MAX_TOKENS: self.max_tokens,
         }
+        if timings.slot is not None:
+            common[SLOT] = timings.slot
         spans: tuple[tuple[str, int, int, dict[str, AttributeValue]], ...] = (
             ("queue", submitted, admitted, common),
             (

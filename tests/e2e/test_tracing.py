@@ -154,6 +154,7 @@ def test_chat_request_spans_join_the_callers_trace(traced_server: Server, receiv
         assert child["parentId"] == server["id"]
         assert child["tags"]["gen_ai.request.model"] == MODEL_ID
         assert child["tags"]["gen_ai.request.max_tokens"] == "8"
+        assert child["tags"]["cria.slot"].isdigit()
         # within the server span
         assert server["timestamp"] <= child["timestamp"]
         assert child["timestamp"] + child.get("duration", 0) <= server["timestamp"] + server["duration"] + 1000
