@@ -84,13 +84,18 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Se
     raise RuntimeError(f"cria did not become healthy in {START_TIMEOUT}s:\n{log_path.read_text()}")
 
 
-def stop_server(server: Server) -> None:
-    server.process.terminate()
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 15 s."""
+    process.terminate()
     try:
-        server.process.wait(timeout=15)
+        process.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+        process.kill()
+        process.wait()
+
+
+def stop_server(server: Server) -> None:
+    stop_process(server.process)
     server.log_file.close()
 
 

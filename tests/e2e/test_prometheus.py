@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL_ID, Server, free_port
+from tests.e2e.conftest import MODEL_ID, Server, free_port, stop_process
 
 DEADLINE = 60.0
 
@@ -50,12 +50,7 @@ def prometheus(server: Server, tmp_path: Path) -> Iterator[str]:
         try:
             yield f"http://127.0.0.1:{port}"
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def _query(base: str, promql: str) -> list[float]:
@@ -71,13 +66,15 @@ def _query(base: str, promql: str) -> list[float]:
     return [float(item["value"][1]) for item in body["data"]["result"]]
 
 
-def _wait_for(base: str, promql: str, deadline: float) -> list[float]:
+def _wait_for(base: str, promql: str, deadline: float, *, at_least: float = 0.0) -> list[float]:
+    """Poll until every series of `promql` is positive and at least `at_least` (a scrape can
+    land between two requests, so a counter may need a later scrape to reach its total)."""
     while time.monotonic() < deadline:
         values = _query(base, promql)
-        if values and all(v > 0 for v in values):
+        if values and all(v > 0 and v >= at_least for v in values):
             return values
         time.sleep(0.5)
-    raise AssertionError(f"Prometheus never answered {promql!r} with a positive value")
+    raise AssertionError(f"Prometheus never answered {promql!r} with a value >= {at_least} (> 0)")
 
 
 def test_real_prometheus_scrapes_cria(prometheus: str, client: openai.OpenAI) -> None:
@@ -88,7 +85,7 @@ def test_real_prometheus_scrapes_cria(prometheus: str, client: openai.OpenAI) ->
             model=MODEL_ID, prompt="Prometheus", max_tokens=4, extra_body={"ignore_eos": True}
         )
         time.sleep(0.5)
-    assert _wait_for(prometheus, "cria_generated_tokens_total", deadline)[0] >= 12
+    assert _wait_for(prometheus, "cria_generated_tokens_total", deadline, at_least=12)[0] >= 12
     _wait_for(prometheus, "rate(cria_generated_tokens_total[1m])", deadline)
     _wait_for(
         prometheus,

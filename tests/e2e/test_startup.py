@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from cria.models.spec import bundled_model_path
-from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.conftest import Server, start_server, stop_process, stop_server
 
 
 def run_cria(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -155,13 +155,7 @@ def _start_unhealthy(tmp: Path, *args: str) -> str:
 
 def _stop_unhealthy() -> None:
     while _unhealthy:
-        proc = _unhealthy.pop()
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(_unhealthy.pop())
 
 
 def test_full_queue_is_429_and_queued_disconnect_is_dropped(small_server: Server) -> None:
