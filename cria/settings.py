@@ -143,6 +143,13 @@ class Settings(BaseSettings):
         default="text",
         help="Log format: text (one line per record) or json (one JSON object per line).",
     )
+    lenient: bool = _opt(
+        "--lenient",
+        default=False,
+        help="Accept request fields this server does not honour (unknown ones, or OpenAI ones "
+        "such as audio output) instead of refusing them with 400; each response lists them "
+        "in its x-cria-ignored-params header.",
+    )
 
     @field_validator(
         "model",

@@ -13,7 +13,16 @@ from fastapi import FastAPI
 from cria import __version__
 from cria.api.errors import install_error_handlers
 from cria.api.middleware import AccessLog, RequestMetrics, RequestTracing
-from cria.api.routes import chat, completions, embeddings, health, metrics, models
+from cria.api.routes import (
+    capabilities,
+    chat,
+    completions,
+    embeddings,
+    health,
+    metrics,
+    models,
+    tokens,
+)
 from cria.api.state import AppState
 from cria.chat.template import ChatTemplate
 from cria.engine.engine import Engine
@@ -82,6 +91,6 @@ it has its own TracerProvider too, flushed on shutdown."""
     app.add_middleware(AccessLog)
     if tracing is not None:  # added last: the outermost, so its span covers the whole request
         app.add_middleware(RequestTracing, tracing=tracing)
-    for module in (models, completions, chat, embeddings, health, metrics):
+    for module in (models, completions, chat, embeddings, tokens, capabilities, health, metrics):
         app.include_router(module.router)
     return app

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from cria.api.protocol import _SamplingFields
 from cria.engine.engine import Engine
 from cria.engine.stream import RequestStream
-from cria.engine.types import Delta, FinishReason, GenerationRequest, SamplingParams, Usage
+from cria.engine.types import (
+    Delta,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 from cria.errors import CriaError, InvalidRequest
 from cria.telemetry.logs import note_sequence
 from cria.telemetry.metrics import Metrics
@@ -21,7 +28,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def sampling_from(req: _SamplingFields, *, n_vocab: int, choice: int) -> SamplingParams:
+def sampling_from(
+    req: _SamplingFields,
+    *,
+    n_vocab: int,
+    choice: int,
+    grammar: str | None = None,
+    grammar_trigger: str | None = None,
+) -> SamplingParams:
     """The sampling settings of choice number `choice` (seeded choices get seed + choice, so
     n > 1 gives different but reproducible choices)."""
     bias: list[tuple[int, float]] = []
@@ -39,6 +53,8 @@ def sampling_from(req: _SamplingFields, *, n_vocab: int, choice: int) -> Samplin
         repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
         seed=None if req.seed is None else req.seed + choice,
         logit_bias=tuple(bias),
+        grammar=grammar,
+        grammar_trigger=grammar_trigger,
     )
 
 
@@ -82,18 +98,27 @@ class ChoiceResult:
     text: str
     finish_reason: FinishReason
     usage: Usage
+    logprobs: list[TokenLogprob]  # when the request asked for them
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 async def _collect_one(
     stream: RequestStream, metrics: Metrics, trace: RequestTrace | None
 ) -> ChoiceResult:
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    prompt_logprobs = None
     async for delta in stream:
         parts.append(delta.text)
+        logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             assert delta.usage is not None
             _record(metrics, delta, trace)
-            return ChoiceResult("".join(parts), delta.finish_reason, delta.usage)
+            return ChoiceResult(
+                "".join(parts), delta.finish_reason, delta.usage, logprobs, prompt_logprobs
+            )
     raise CriaError("the request ended without a result")
 
 

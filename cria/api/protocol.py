@@ -1,8 +1,10 @@
 """OpenAI request models (pydantic, strict) and response builders, with OpenAI's names.
 
-Requests are validated strictly: a wrongly typed field is a 400, never coerced. Unknown fields
-are ignored, as OpenAI clients send fields that do not concern a local server. Responses are
-built as plain dicts: they are written once per token while streaming.
+Requests are validated strictly: a wrongly typed field is a 400, never coerced. Fields that
+are not declared are kept (`model_extra`) for `strict.py` to refuse (or, with --lenient, to list
+as ignored): nothing a client sends is silently dropped. OpenAI fields whose effect depends on
+their value (e.g. `store`) are declared as `Any` and judged there too. Responses are built as
+plain dicts: they are written once per token while streaming.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cria.engine.types import FinishReason, Usage
+from cria import __version__
+from cria.engine.types import FinishReason, TokenLogprob, Usage
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -22,11 +25,12 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # judged in strict.py
 
 
 class _SamplingFields(_Request):
@@ -43,7 +47,7 @@ class _SamplingFields(_Request):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id: accepted (it changes no output)
     # Extensions shared with llama.cpp's server.
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Probability | None = None
@@ -58,12 +62,17 @@ class _SamplingFields(_Request):
         return tuple(s for s in stops if s)
 
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
+MAX_TOP_LOGPROBS = 20  # ... and for chat's top_logprobs
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    # 0 is allowed (as OpenAI does) with echo: the prompt's logprobs alone.
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=20)] | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -77,12 +86,32 @@ class CompletionRequest(_SamplingFields):
 class ContentPart(_Request):
     type: str
     text: str | None = None
+    # Parts other than text (image_url, input_audio, file) are refused by the chat route.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    # An assistant message as a previous response had it (clients send it back as history):
+    refusal: str | None = None
+    annotations: list[Any] | None = None  # output annotations: nothing to render
+    audio: Any = None  # judged in strict.py
+    function_call: Any = None  # judged in strict.py
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -90,10 +119,30 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    # Accepted, changing nothing a local server could change: identifiers and cache hints
+    # (prefix caching is automatic here).
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    metadata: dict[str, str] | None = None
+    # OpenAI fields honoured only with some values (judged in strict.py).
+    store: Any = None
+    service_tier: Any = None
+    modalities: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+    verbosity: Any = None
+    reasoning_effort: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    function_call: Any = None
+    functions: Any = None
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
@@ -111,6 +160,9 @@ class EmbeddingRequest(_Request):
 
 # ---- responses ----
 
+# OpenAI's spec types it as a string (never null): the backend configuration, here the version.
+SYSTEM_FINGERPRINT = f"fp_cria_{__version__}"
+
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
     return {
@@ -121,12 +173,17 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
     }
 
 
-def finish_str(reason: FinishReason | None) -> str | None:
-    return None if reason is None else reason.value
+def finish_str(reason: FinishReason | str | None) -> str | None:
+    return reason.value if isinstance(reason, FinishReason) else reason
 
 
-def completion_choice(index: int, text: str, reason: FinishReason | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_str(reason)}
+def completion_choice(
+    index: int,
+    text: str,
+    reason: FinishReason | str | None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_str(reason)}
 
 
 def completion(
@@ -138,18 +195,28 @@ def completion(
         "created": created,
         "model": model,
         "choices": choices,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     if usage is not None:
         body["usage"] = usage_dict(usage)
     return body
 
 
-def chat_choice(index: int, text: str, reason: FinishReason | None) -> dict[str, Any]:
+def chat_choice(
+    index: int,
+    content: str | None,
+    reason: FinishReason | str | None,
+    *,
+    tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "index": index,
-        "message": {"role": "assistant", "content": text, "refusal": None},
-        "logprobs": None,
+        "message": message,
+        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
         "finish_reason": finish_str(reason),
     }
 
@@ -164,14 +231,79 @@ def chat_completion(
         "model": model,
         "choices": choices,
         "usage": usage_dict(usage),
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 
 
 def chat_chunk_choice(
-    index: int, delta: dict[str, Any], reason: FinishReason | None = None
+    index: int,
+    delta: dict[str, Any],
+    reason: FinishReason | str | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_str(reason)}
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+        "finish_reason": finish_str(reason),
+    }
+
+
+# ---- logprobs ----
+
+
+def _token_text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """Chat's `logprobs.content`: token, logprob, UTF-8 bytes and the top alternatives."""
+    return [
+        {
+            "token": _token_text(e.piece),
+            "logprob": e.logprob,
+            "bytes": list(e.piece),
+            "top_logprobs": [
+                {"token": _token_text(p), "logprob": lp, "bytes": list(p)} for _t, p, lp in e.top
+            ],
+        }
+        for e in entries
+    ]
+
+
+class CompletionLogprobs:
+    """Builds /v1/completions' `logprobs` object (tokens, token_logprobs, top_logprobs,
+    text_offset) for one choice, in pieces as they stream; offsets count characters of the
+    choice's text from its start (the echoed prompt included)."""
+
+    def __init__(self, n_top: int) -> None:
+        self.n_top = n_top
+        self.offset = 0
+
+    def build(self, entries: Sequence[TokenLogprob | None], first_piece: bytes = b"") -> dict[str, Any]:
+        """`None` entries are tokens without a logprob (the first prompt token, whose piece is
+        `first_piece`)."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        for e in entries:
+            text = _token_text(first_piece if e is None else e.piece)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+            if e is None:
+                token_logprobs.append(None)
+                top.append(None)
+            else:
+                token_logprobs.append(e.logprob)
+                top.append({_token_text(p): lp for _t, p, lp in e.top} if self.n_top else None)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
 
 def chat_chunk(
@@ -189,7 +321,7 @@ def chat_chunk(
         "created": created,
         "model": model,
         "choices": choices,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     if with_usage:  # OpenAI sends "usage": null on every chunk but the last when asked for usage
         body["usage"] = None if usage is None else usage_dict(usage)

@@ -65,6 +65,7 @@ class SSEResponse(Response):
         on_disconnect: Callable[[], None],
         on_error: Callable[[CriaError], None] | None = None,
         keepalive_seconds: float = KEEPALIVE_SECONDS,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """`on_disconnect` is called once if the client leaves: it must make `events` end
         (closing the engine streams does: their readers wake and stop). `on_error` is told
@@ -75,6 +76,9 @@ class SSEResponse(Response):
         self._on_disconnect = on_disconnect
         self._keepalive_seconds = keepalive_seconds
         self._on_error = on_error
+        self._start_headers = _HEADERS + [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -108,7 +112,7 @@ class SSEResponse(Response):
                 if loop.time() - float(state["last_sent"]) >= self._keepalive_seconds:
                     await send_body(KEEPALIVE)
 
-        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        await send({"type": "http.response.start", "status": 200, "headers": self._start_headers})
         self.status_code = 200
         helpers = [asyncio.ensure_future(watch()), asyncio.ensure_future(keepalive())]
         stream = frames(self._events, on_error=self._on_error)

@@ -25,7 +25,15 @@ from typing import Protocol
 import numpy as np
 
 from cria.engine.embedder import Embedder, EmbeddingJob
-from cria.engine.llama import Batch, DecodeResult, LlamaContext, LlamaModel, SamplerChain
+from cria.engine.llama import (
+    Batch,
+    ConstrainedSampler,
+    DecodeResult,
+    LlamaContext,
+    LlamaModel,
+    SamplerChain,
+)
+from cria.engine.logprobs import log_softmax, top_tokens
 from cria.engine.prompt_cache import PromptCache
 from cria.engine.sampling import sampler_recipe
 from cria.engine.scheduler import SeqState, StepPlan, plan_step
@@ -41,6 +49,7 @@ from cria.engine.types import (
     FinishReason,
     GenerationRequest,
     Timings,
+    TokenLogprob,
     Usage,
 )
 from cria.errors import (
@@ -92,7 +101,7 @@ class _Seq:
     n_cached: int = 0  # prompt tokens reused from the slot's cache
     n_generated: int = 0
     pending: int | None = None  # sampled token not yet decoded into the KV cache
-    sampler: SamplerChain | None = None
+    sampler: SamplerChain | ConstrainedSampler | None = None
     detok: Detokenizer = field(default_factory=Detokenizer)
     stops: StopMatcher | None = None
     # perf_counter() instants for Timings (submitted is taken on the event loop)
@@ -100,6 +109,9 @@ class _Seq:
     t_admitted: float = 0.0
     t_first_token: float | None = None
     n_sampled: int = 0
+    lps: list[TokenLogprob] = field(default_factory=list)  # logprobs not yet emitted
+    # Prompt logprobs (prompt_logprobs requests): filled chunk by chunk, sent with the first Delta.
+    prompt_lps: list[TokenLogprob | None] | None = None
 
     @property
     def n_prompt_left(self) -> int:
@@ -186,6 +198,20 @@ class Engine:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._require_ready().detokenize(tokens)
+
+    def token_piece(self, token: int) -> bytes:
+        model = self._require_ready()
+        if not 0 <= token < model.n_vocab:
+            raise InvalidRequest(f"token id {token} is outside [0, {model.n_vocab})")
+        return model.token_piece(token)
+
+    def fim_tokens(self) -> tuple[int, int, int] | None:
+        """(prefix, suffix, middle) fill-in-the-middle tokens, if the model has them."""
+        return self._require_ready().fim_tokens()
+
+    @property
+    def add_bos(self) -> bool:
+        return self._require_ready().add_bos
 
     @property
     def n_vocab(self) -> int:
@@ -486,15 +512,34 @@ class Engine:
         if self._embedder is not None:
             self._embedder.run(is_generating=bool(self._running or self._waiting))
 
+    def _group_is_prefilling(self, seq: _Seq) -> bool:
+        """Whether another request of seq's group is still computing the shared prompt."""
+        group = seq.req.group
+        return group is not None and any(
+            s.req.group == group and s.slot is not None and s.n_prompt_left > 1
+            for s in self._running
+        )
+
     def _admit(self) -> None:
         assert self._ctx is not None and self.model is not None
+        deferred: list[_Seq] = []
         while self._waiting and self._slots.n_free:
             seq = self._waiting.popleft()
+            if self._group_is_prefilling(seq):
+                deferred.append(seq)  # admitted once the group's prompt is in the KV cache
+                continue
             self._dequeued()
             choice = self._slots.choose(seq.req.prompt)
             assert choice is not None
             slot_id, n_reuse = choice
             self._save_evicted(slot_id, n_reuse)
+            if seq.req.prompt_logprobs:
+                # Every prompt token's logits are needed: nothing cached can stand in for them.
+                self._ctx.seq_rm(slot_id, 0)
+                seq.slot = self._slots.acquire(slot_id, 0)
+                seq.prompt_lps = [None]
+                self._start(seq, slot_id, 0)
+                continue
             donor = self._slots.best_donor(seq.req.prompt, exclude=slot_id)
             saved = self._prompt_cache.best(seq.req.prompt) if self._prompt_cache else None
             n_donor = donor[1] if donor is not None else 0
@@ -520,25 +565,30 @@ class Engine:
                     self._ctx.seq_rm(slot_id, 0)
                     n_reuse = 0
                 seq.slot = self._slots.acquire(slot_id, n_reuse)
-            seq.n_cached = n_reuse
-            seq.t_admitted = time.perf_counter()
-            params = seq.req.sampling
-            is_plain_greedy = params.is_greedy and not params.has_penalties and not params.logit_bias
-            try:
-                seq.sampler = None if is_plain_greedy else SamplerChain(
-                    sampler_recipe(
-                        seq.req.sampling,
-                        banned=self._eog_ids if seq.req.ignore_eos else (),
-                    ),
-                    n_vocab=self.model.n_vocab,
+            self._start(seq, slot_id, n_reuse)
+        self._waiting.extendleft(reversed(deferred))
+
+    def _start(self, seq: _Seq, slot_id: int, n_reuse: int) -> None:
+        """Make an admitted request (its slot acquired) a running one."""
+        assert self.model is not None
+        seq.n_cached = n_reuse
+        seq.t_admitted = time.perf_counter()
+        params = seq.req.sampling
+        try:
+            recipe = sampler_recipe(params, banned=self._eog_ids if seq.req.ignore_eos else ())
+            if params.grammar is not None:
+                seq.sampler = ConstrainedSampler(
+                    recipe, model=self.model, grammar=params.grammar, trigger=params.grammar_trigger
                 )
-            except Exception as exc:
-                log.exception("could not build the sampler of %s", seq.req.id)
-                self._fail(seq, EngineFailure(f"could not set up sampling: {exc}"))
-                continue
-            seq.stops = StopMatcher(seq.req.stop)
-            self._running.append(seq)
-            self._by_slot[slot_id] = seq
+            elif not params.is_plain_greedy:
+                seq.sampler = SamplerChain(recipe, model=self.model)
+        except Exception as exc:
+            log.exception("could not build the sampler of %s", seq.req.id)
+            self._fail(seq, EngineFailure(f"could not set up sampling: {exc}"))
+            return
+        seq.stops = StopMatcher(seq.req.stop)
+        self._running.append(seq)
+        self._by_slot[slot_id] = seq
 
     def _save_evicted(self, slot_id: int, n_keep: int) -> None:
         """Before a slot's cache is cut to `n_keep` tokens for a new prompt, keep its KV state in
@@ -563,6 +613,7 @@ class Engine:
         batch.clear()
         to_sample: list[tuple[_Seq, int]] = []
         fed: list[tuple[_Seq, Sequence[int]]] = []
+        scored: list[tuple[_Seq, int, int, int]] = []  # prompt chunks with logits on every token
         # Everything in slot order, prompt chunks at their slot's place: llama.cpp (one KV
         # stream per sequence) puts runs of consecutive sequence ids in one ubatch.
         chunks = {c.slot_id: c for c in plan.prefills}
@@ -589,7 +640,12 @@ class Engine:
             assert seq.slot is not None
             start = len(seq.slot.cached)
             tokens_chunk = seq.req.prompt[start : start + chunk.n_tokens]
-            out_row = batch.add_run(tokens_chunk, start, slot_id, logits_last=chunk.is_last)
+            if seq.prompt_lps is not None:
+                first_row = batch.add_run_all(tokens_chunk, start, slot_id)
+                scored.append((seq, first_row, start, len(tokens_chunk)))
+                out_row: int | None = first_row + len(tokens_chunk) - 1 if chunk.is_last else None
+            else:
+                out_row = batch.add_run(tokens_chunk, start, slot_id, logits_last=chunk.is_last)
             if out_row is not None:
                 to_sample.append((seq, out_row))
             fed.append((seq, tokens_chunk))
@@ -614,7 +670,22 @@ class Engine:
         for seq, fed_tokens in fed:
             seq.slot.cached.extend(fed_tokens)  # type: ignore[union-attr]
             seq.pending = None
+        for seq, first_row, start, n in scored:
+            self._score_prompt(seq, first_row, start, n)
         return to_sample
+
+    def _score_prompt(self, seq: _Seq, first_row: int, start: int, n: int) -> None:
+        """Log-probabilities of the prompt tokens that follow the chunk's positions."""
+        assert self._ctx is not None and self.model is not None and self._batch is not None
+        assert seq.prompt_lps is not None
+        prompt, k = seq.req.prompt, seq.req.logprobs or 0
+        logits = self._ctx.logits(self._batch.n_outputs, self.model.n_vocab)
+        n = min(n, len(prompt) - 1 - start)  # the last prompt token predicts no prompt token
+        for block in range(0, n, 64):  # bounded temporaries (rows x vocab floats)
+            rows = log_softmax(logits[first_row + block : first_row + min(block + 64, n)])
+            for i, row in enumerate(rows):
+                token = prompt[start + block + i + 1]
+                seq.prompt_lps.append(self._token_logprob(token, row, k))
 
     def _sample(self, sampled: list[tuple[_Seq, int]]) -> list[int]:
         """One token per sequence. Plain greedy rows are an argmax over the step's logits in
@@ -622,6 +693,11 @@ class Engine:
         assert self._ctx is not None and self.model is not None and self._batch is not None
         t0 = time.perf_counter()
         tokens = [0] * len(sampled)
+        scored = [k for k, (seq, _row) in enumerate(sampled) if seq.req.logprobs is not None]
+        if scored:  # before any sampler touches the logits: these are the model's own
+            logits = self._ctx.logits(self._batch.n_outputs, self.model.n_vocab)
+            rows_lp = log_softmax(logits[[sampled[k][1] for k in scored]])
+            row_lps = dict(zip(scored, rows_lp))
         greedy = [k for k, (seq, _row) in enumerate(sampled) if seq.sampler is None]
         if greedy:
             logits = self._ctx.logits(self._batch.n_outputs, self.model.n_vocab)
@@ -639,8 +715,18 @@ class Engine:
         for k, (seq, row) in enumerate(sampled):
             if seq.sampler is not None:
                 tokens[k] = seq.sampler.sample(self._ctx, row)
+        for k in scored:
+            seq, token = sampled[k][0], tokens[k]
+            if not self.model.is_eog(token) or seq.req.ignore_eos:
+                seq.lps.append(self._token_logprob(token, row_lps[k], seq.req.logprobs or 0))
         self._timing.sample_s += time.perf_counter() - t0
         return tokens
+
+    def _token_logprob(self, token: int, row: np.ndarray, k: int) -> TokenLogprob:
+        assert self.model is not None
+        piece = self.model.token_piece
+        top = tuple((t, piece(t), lp) for t, lp in top_tokens(row, k))
+        return TokenLogprob(token, piece(token), float(row[token]), top)
 
     def _postprocess(self, sampled: list[tuple[_Seq, int]]) -> None:
         assert self._ctx is not None and self.model is not None
@@ -659,6 +745,10 @@ class Engine:
             seq.n_sampled += 1
             try:
                 assert seq.stops is not None
+                if seq.req.max_tokens == 0:  # only the prompt was wanted (its logprobs, echo)
+                    seq.lps.clear()
+                    self._complete(seq, "", 0, FinishReason.LENGTH)
+                    continue
                 if model.is_eog(token) and not seq.req.ignore_eos:
                     self._complete(seq, "", 0, FinishReason.STOP)
                     continue
@@ -670,8 +760,8 @@ class Engine:
                     self._complete(seq, text, 1, FinishReason.LENGTH)
                 else:
                     seq.pending = token
-                    if text:
-                        self._emit(seq, Delta(text, 1))
+                    if text or seq.lps:
+                        self._emit(seq, self._delta(seq, text, 1))
             except Exception as exc:
                 log.exception("request %s failed after sampling", seq.req.id)
                 self._fail(seq, EngineFailure(f"generation failed: {exc}"))
@@ -697,8 +787,27 @@ class Engine:
             n_sampled=seq.n_sampled,
             slot=None if seq.slot is None else seq.slot.id,
         )
-        self._emit(seq, Delta(text, n_tokens, reason, usage, timings))
+        self._emit(seq, self._delta(seq, text, n_tokens, reason, usage, timings))
         self._finish(seq)
+
+    def _delta(
+        self,
+        seq: _Seq,
+        text: str,
+        n_tokens: int,
+        reason: FinishReason | None = None,
+        usage: Usage | None = None,
+        timings: Timings | None = None,
+    ) -> Delta:
+        """A Delta carrying the logprobs gathered since the last one (and, the first time, the
+        prompt's)."""
+        lps: tuple[TokenLogprob, ...] = ()
+        if seq.lps:
+            lps, seq.lps = tuple(seq.lps), []
+        prompt_lps = None
+        if seq.prompt_lps is not None:
+            prompt_lps, seq.prompt_lps = tuple(seq.prompt_lps), None
+        return Delta(text, n_tokens, reason, usage, timings, lps, prompt_lps)
 
     def _fail(self, seq: _Seq, error: CriaError) -> None:
         self._emit(seq, error)

@@ -121,6 +121,27 @@ class LlamaModel:
     def ptr(self) -> Any:
         return self._model
 
+    @property
+    def vocab(self) -> Any:
+        return self._vocab
+
+    def check_grammar(self, grammar: str) -> bool:
+        """Whether llama.cpp parses `grammar` (read-only: safe off the engine thread)."""
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
+    def fim_tokens(self) -> tuple[int, int, int] | None:
+        """The fill-in-the-middle tokens (prefix, suffix, middle), if the model has them."""
+        ids = (
+            int(llama_cpp.llama_vocab_fim_pre(self._vocab)),
+            int(llama_cpp.llama_vocab_fim_suf(self._vocab)),
+            int(llama_cpp.llama_vocab_fim_mid(self._vocab)),
+        )
+        return ids if all(0 <= t < self.n_vocab for t in ids) else None
+
     def is_eog(self, token: int) -> bool:
         return self._eog[token]
 
@@ -234,6 +255,20 @@ class Batch:
         self._logits[i + n - 1] = 1
         row = self.n_outputs
         self.n_outputs += 1
+        return row
+
+    def add_run_all(self, tokens: Sequence[int], start_pos: int, seq: int) -> int:
+        """Append consecutive tokens of one sequence, every one with logits (a prompt whose
+        log-probabilities are asked for). Returns the output row of its first token."""
+        i, n = self.n_tokens, len(tokens)
+        assert i + n <= self.capacity, "batch overflow"
+        self._token[i : i + n] = tokens
+        self._pos[i : i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        self._seq[i : i + n] = seq
+        self._logits[i : i + n] = 1
+        self.n_tokens = i + n
+        row = self.n_outputs
+        self.n_outputs += n
         return row
 
     def add_sequence(self, tokens: Sequence[int], seq: int) -> None:
@@ -394,19 +429,39 @@ class EmbeddingContext:
             self._ctx = None
 
 
+def _grammar_sampler(vocab: Any, grammar: str, trigger: str | None) -> Any:
+    """llama.cpp's grammar sampler (root rule "root"). With a trigger pattern it is lazy: it
+    constrains nothing until the output matches the pattern (which must match the whole
+    output so far; the grammar then applies from its first capture group on)."""
+    if trigger is None:
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    else:
+        patterns = (ctypes.c_char_p * 1)(trigger.encode())
+        sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+            vocab, grammar.encode(), b"root", patterns, 1, None, 0
+        )
+    if not sampler:
+        raise LlamaError("llama.cpp could not parse the grammar")
+    return sampler
+
+
 class SamplerChain:
     """A llama.cpp sampler chain built from a recipe; sampling runs in C."""
 
-    def __init__(self, recipe: Sequence[SamplerStep], *, n_vocab: int) -> None:
+    def __init__(self, recipe: Sequence[SamplerStep], *, model: LlamaModel) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(params)
-        for step in recipe:
-            llama_cpp.llama_sampler_chain_add(self._chain, self._build(step, n_vocab))
+        try:
+            for step in recipe:
+                llama_cpp.llama_sampler_chain_add(self._chain, self._build(step, model.n_vocab))
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _build(step: SamplerStep, n_vocab: int) -> Any:
-        a = step.args
+        a: Any = step.args
         if step.kind == "greedy":
             return llama_cpp.llama_sampler_init_greedy()
         if step.kind == "dist":
@@ -432,6 +487,10 @@ class SamplerChain:
             )
         raise ValueError(f"unknown sampler step {step.kind!r}")
 
+    @property
+    def ptr(self) -> Any:
+        return self._chain
+
     def sample(self, ctx: LlamaContext, row: int) -> int:
         """Sample (and accept) a token from output row `row` of the last decode (llama.cpp
         reads a negative index as counting outputs from the end)."""
@@ -441,3 +500,86 @@ class SamplerChain:
         if self._chain:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class _Candidates:
+    """A llama_token_data_array over a numpy buffer of `capacity` candidates."""
+
+    def __init__(self, capacity: int) -> None:
+        assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+        self.data = np.zeros(capacity, dtype=_TOKEN_DATA)
+        self.ids = np.arange(capacity, dtype=np.int32)
+        self.array = llama_cpp.llama_token_data_array(
+            self.data.ctypes.data_as(llama_cpp.llama_token_data_p), capacity, -1, False
+        )
+        self.ref = ctypes.byref(self.array)
+
+    def fill(self, logits: np.ndarray) -> None:
+        """Every token, with these logits."""
+        self.data["id"] = self.ids
+        self.data["logit"] = logits
+        self.data["p"] = 0.0
+        self.array.size = len(self.data)
+        self.array.selected = -1
+        self.array.sorted = False
+
+    def one(self, token: int) -> None:
+        """Just `token` (for a grammar check)."""
+        self.data[0] = (token, 0.0, 0.0)
+        self.array.size = 1
+        self.array.selected = -1
+        self.array.sorted = False
+
+    @property
+    def selected(self) -> int:
+        return int(self.data["id"][self.array.selected])
+
+
+class ConstrainedSampler:
+    """A sampler chain plus a grammar, as llama.cpp's own server samples: draw from the chain
+    first and keep the token if the grammar allows it (one check); only otherwise apply the
+    grammar to the whole vocabulary and draw again. Checking every candidate costs tens of
+    milliseconds per token on a 49k vocabulary; most tokens pass the cheap check.
+    Greedy outputs are exactly the grammar-constrained argmax."""
+
+    def __init__(
+        self, recipe: Sequence[SamplerStep], *, model: LlamaModel, grammar: str, trigger: str | None
+    ) -> None:
+        self._chain = SamplerChain(recipe, model=model)
+        try:
+            self._grammar = _grammar_sampler(model.vocab, grammar, trigger)
+        except BaseException:
+            self._chain.close()
+            raise
+        self._all = _Candidates(model.n_vocab)
+        self._check = _Candidates(1)
+        self.n_full = 0  # draws that needed the grammar over the whole vocabulary
+
+    def sample(self, ctx: LlamaContext, row: int) -> int:
+        logits = llama_cpp.llama_get_logits_ith(ctx.ptr, row - ctx.n_outputs)
+        values = np.ctypeslib.as_array(logits, shape=(len(self._all.data),))
+        cur, chain = self._all, self._chain.ptr
+        cur.fill(values)
+        llama_cpp.llama_sampler_apply(chain, cur.ref)
+        token = cur.selected
+        check = self._check
+        check.one(token)
+        llama_cpp.llama_sampler_apply(self._grammar, check.ref)
+        if not np.isfinite(check.data["logit"][0]):
+            self.n_full += 1
+            cur.fill(values)
+            llama_cpp.llama_sampler_apply(self._grammar, cur.ref)
+            llama_cpp.llama_sampler_apply(chain, cur.ref)
+            token = cur.selected
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
+
+    def close(self) -> None:
+        self._chain.close()
+        if self._grammar:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None

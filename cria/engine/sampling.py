@@ -12,13 +12,14 @@ from cria.engine.types import SamplingParams
 @dataclass(frozen=True, slots=True)
 class SamplerStep:
     kind: str  # logit_bias | penalties | top_k | top_p | min_p | temp | dist | greedy
-    args: tuple[float | int, ...] = ()
+    args: tuple[float | int | str | None, ...] = ()
 
 
 def sampler_recipe(
     params: SamplingParams, *, banned: Sequence[int] = ()
 ) -> tuple[SamplerStep, ...]:
     """The order llama.cpp itself uses: penalties, then truncation, then temperature, then draw.
+    (A grammar is not a step of the chain: llama.ConstrainedSampler applies it around it.)
 
     Temperature 0 is greedy (argmax after penalties). A request without a seed gets a random
     one, so two unseeded requests differ while a seeded one repeats exactly.
@@ -28,7 +29,7 @@ def sampler_recipe(
     for token in banned:  # e.g. end-of-generation tokens under ignore_eos
         biases[token] = float("-inf")
     if biases:
-        flat: list[float | int] = []
+        flat: list[float | int | str | None] = []
         for token, bias in sorted(biases.items()):
             flat += [token, bias]
         steps.append(SamplerStep("logit_bias", tuple(flat)))

@@ -59,6 +59,8 @@ class RequestStream:
                 nxt.finish_reason,
                 nxt.usage,
                 nxt.timings,
+                item.logprobs + nxt.logprobs,
+                item.prompt_logprobs if item.prompt_logprobs is not None else nxt.prompt_logprobs,
             )
         if item.finish_reason is not None:
             self._is_finished = True

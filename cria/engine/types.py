@@ -23,6 +23,17 @@ class SamplingParams:
     penalty_last_n: int = 64
     seed: int | None = None  # None = a random seed
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
+    grammar: str | None = None  # GBNF (root rule "root") every sampled token must follow
+    # With a trigger (a regex over the output so far, its first group marking where the grammar
+    # starts), the grammar applies only from the trigger on: free text, then constrained output.
+    grammar_trigger: str | None = None
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing that edits the logits: one numpy argmax does it."""
+        return (
+            self.is_greedy and not self.has_penalties and not self.logit_bias and self.grammar is None
+        )
 
     @property
     def is_greedy(self) -> bool:
@@ -47,6 +58,13 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities of each sampled token and of its `logprobs` most likely alternatives
+    # (None: not computed at all; 0: the sampled token's only).
+    logprobs: int | None = None
+    prompt_logprobs: bool = False  # also each prompt token's (disables prefix reuse)
+    # Requests of one group share a prompt (OpenAI's `n`): the first one admitted prefills it,
+    # the others wait for that and copy its KV cache instead of computing it again.
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +116,17 @@ class Timings:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token with its log-probability under the model (before any sampling setting), and
+    the most likely tokens at its position as (token, bytes, logprob), most likely first."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """New output of one request. The last Delta has `finish_reason`, `usage` and `timings`
     set."""
@@ -107,6 +136,9 @@ class Delta:
     finish_reason: FinishReason | None = None  # None while running
     usage: Usage | None = None
     timings: Timings | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of n_tokens, when asked for
+    # With prompt_logprobs, the first Delta has one entry per prompt token (None for the first).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

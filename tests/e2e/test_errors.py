@@ -79,7 +79,8 @@ def test_invalid_chat_fields(http: httpx.Client, body: dict[str, Any], param: st
         ({"model": MODEL_ID, "prompt": [-1]}, "prompt"),
         ({"model": MODEL_ID, "prompt": "Hi", "max_tokens": -1}, "max_tokens"),
         ({"model": MODEL_ID, "prompt": "Hi", "n": 1000}, "n"),
-        ({"model": MODEL_ID, "prompt": "Hi", "logprobs": 2}, "logprobs"),
+        ({"model": MODEL_ID, "prompt": "Hi", "logprobs": 6}, "logprobs"),
+        ({"model": MODEL_ID, "prompt": "Hi", "suffix": "x", "echo": True, "logprobs": 1}, "suffix"),
     ],
 )
 def test_invalid_completion_fields(http: httpx.Client, body: dict[str, Any], param: str) -> None:

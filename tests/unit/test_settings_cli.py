@@ -41,6 +41,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "prompt_cache_mib": ("64", 64),
     "log_level": ("WARNING", "warning"),
     "log_format": ("JSON", "json"),
+    "lenient": ("true", True),
 }
 
 # The original options are a contract: their flags must not change.

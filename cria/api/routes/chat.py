@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cria.api import protocol
+from cria.api import protocol, strict
 from cria.api.generate import (
     cancel_all,
     collect,
@@ -23,7 +24,26 @@ from cria.api.generate import (
 from cria.api.lifecycle import ClientGone, read_json, unless_disconnected
 from cria.api.sse import SSEResponse
 from cria.api.state import AppState, state_of
-from cria.engine.types import GenerationRequest, Usage
+from cria.api.structured import (
+    TOOL_CALL_TRIGGER,
+    check_tool_schemas,
+    response_format_grammar,
+    tool_grammar,
+)
+from cria.chat.tools import (
+    CallArguments,
+    CallStart,
+    ContentText,
+    Event,
+    Function,
+    ToolCallParser,
+    ToolChoice,
+    collect_calls,
+    messages_for_template,
+    parse_tool_choice,
+    parse_tools,
+)
+from cria.engine.types import FinishReason, GenerationRequest, Usage
 from cria.errors import InvalidRequest
 
 router = APIRouter()
@@ -35,49 +55,131 @@ def _message_dicts(messages: list[protocol.ChatMessage]) -> list[dict[str, Any]]
         if m.content is None:
             if m.role != "assistant":
                 raise InvalidRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")
-            text = ""
+            text = m.refusal  # a refused turn sent back as history
         elif isinstance(m.content, str):
             text = m.content
         else:
             texts: list[str] = []
             for j, part in enumerate(m.content):
-                if part.type != "text" or part.text is None:
+                if part.type not in ("text", "refusal") or part.text is None:
                     raise InvalidRequest(
                         f"content part type '{part.type}' is not supported by this model (text only)",
                         param=f"messages[{i}].content[{j}]",
                     )
                 texts.append(part.text)
             text = "\n".join(texts)
+        if m.role == "tool" and m.tool_call_id is None:
+            raise InvalidRequest(
+                f"messages[{i}].tool_call_id is required for role tool",
+                param=f"messages[{i}].tool_call_id",
+            )
+        if m.tool_calls is not None and m.role != "assistant":
+            raise InvalidRequest(
+                f"messages[{i}].tool_calls is only allowed on assistant messages",
+                param=f"messages[{i}].tool_calls",
+            )
         # Templates know "system"; OpenAI's newer "developer" role means the same thing.
         role = "system" if m.role == "developer" else m.role
         message: dict[str, Any] = {"role": role, "content": text}
         if m.name is not None:
             message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
         out.append(message)
     return out
 
 
-def _check_unsupported(req: protocol.ChatCompletionRequest) -> None:
-    if req.logprobs or req.top_logprobs is not None:
-        raise InvalidRequest("logprobs are not supported yet", param="logprobs", code="unsupported_parameter")
-    if req.tools:
-        raise InvalidRequest("tools are not supported yet", param="tools", code="unsupported_parameter")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise InvalidRequest("tool_choice is not supported yet", param="tool_choice", code="unsupported_parameter")
-    if req.response_format is not None and req.response_format.get("type") not in (None, "text"):
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a chat request becomes before it reaches the engine."""
+
+    prompt: list[int]
+    tool_choice: ToolChoice
+    grammar: str | None = None
+    grammar_trigger: str | None = None
+
+    @property
+    def parses_tools(self) -> bool:
+        return self.tool_choice.mode != "none"
+
+
+def _plan(state: AppState, req: protocol.ChatCompletionRequest) -> _Plan:
+    functions = parse_tools(req.tools) if req.tools is not None else []
+    check_tool_schemas(functions)
+    choice = parse_tool_choice(req.tool_choice, functions)
+    parallel = req.parallel_tool_calls is not False
+    grammar = response_format_grammar(req.response_format)
+    trigger = None
+    if choice.mode in ("required", "named"):
+        if grammar is not None:
+            raise InvalidRequest(
+                "response_format cannot be enforced together with a forced tool call",
+                param="response_format",
+            )
+        grammar = tool_grammar(functions, choice, parallel=parallel)
+    elif choice.mode == "auto" and grammar is None:
+        # Free text, but a tool call, once the model starts one, is well-formed and valid.
+        grammar, trigger = tool_grammar(functions, choice, parallel=parallel), TOOL_CALL_TRIGGER
+    elif choice.mode == "auto":
         raise InvalidRequest(
-            "response_format other than text is not supported yet",
+            "response_format json_object/json_schema together with tools is not supported; "
+            "use tool_choice 'required' or 'none'",
             param="response_format",
-            code="unsupported_parameter",
         )
+    if grammar is not None and req.ignore_eos:
+        raise InvalidRequest(
+            "ignore_eos cannot be combined with structured output or tools (the grammar ends "
+            "the output)",
+            param="ignore_eos",
+        )
+    tokens = render_prompt(state, req.messages, functions, choice, parallel=parallel)
+    return _Plan(tokens, choice, grammar, trigger)
 
 
-def _prompt_tokens(state: AppState, req: protocol.ChatCompletionRequest) -> list[int]:
-    text = state.template.render(_message_dicts(req.messages), add_generation_prompt=True)
-    bos = state.template.bos_token
+def render_prompt(
+    state: AppState,
+    messages: list[protocol.ChatMessage],
+    functions: list[Function],
+    choice: ToolChoice,
+    *,
+    parallel: bool,
+) -> list[int]:
+    """The prompt tokens of a conversation: the model's chat template, tools included."""
+    template = state.template
+    rendered, tools_value = messages_for_template(
+        _message_dicts(messages),
+        functions,
+        choice,
+        template_has_tools=template.supports_tools,
+        parallel=parallel,
+    )
+    text = template.render(rendered, add_generation_prompt=True, tools=tools_value)
+    bos = template.bos_token
     # The template usually writes BOS itself; add it only when the model wants it and it is not there.
     add_special = not (bos and text.startswith(bos))
     return state.engine.tokenize(text, add_special=add_special)
+
+
+def _logprobs_count(req: protocol.ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def _event_delta(event: Event) -> dict[str, Any]:
+    if isinstance(event, ContentText):
+        return {"content": event.text}
+    if isinstance(event, CallStart):
+        call = {"name": event.name, "arguments": ""}
+        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function", "function": call}]}
+    assert isinstance(event, CallArguments)
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]}
+
+
+def _finish(reason: FinishReason, n_calls: int) -> str:
+    return "tool_calls" if n_calls and reason is FinishReason.STOP else reason.value
 
 
 @router.post("/v1/chat/completions")
@@ -89,8 +191,10 @@ async def create_chat_completion(request: Request) -> Response:
     except ClientGone:
         return Response(status_code=499)
     state.check_model(req.model)
-    _check_unsupported(req)
-    tokens = _prompt_tokens(state, req)
+    ignored = strict.check(req, lenient=state.settings.lenient)
+    n_logprobs = _logprobs_count(req)
+    plan = _plan(state, req)
+    tokens = plan.prompt
     requested: int | None
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
@@ -99,20 +203,26 @@ async def create_chat_completion(request: Request) -> Response:
     max_tokens = engine.resolve_max_tokens(len(tokens), requested, param=param)
     n = req.n or 1
     n_vocab = engine.n_vocab
+    group = new_id("grp") if n > 1 else None
     gens = [
         GenerationRequest(
             id=new_id("req"),
             prompt=tuple(tokens),
             max_tokens=max_tokens,
-            sampling=sampling_from(req, n_vocab=n_vocab, choice=j),
+            sampling=sampling_from(
+                req, n_vocab=n_vocab, choice=j, grammar=plan.grammar, grammar_trigger=plan.grammar_trigger
+            ),
             stop=req.stop_list,
             ignore_eos=bool(req.ignore_eos),
+            logprobs=n_logprobs,
+            group=group,
         )
         for j in range(n)
     ]
     streams = submit_all(engine, gens)
     trace = None if state.tracing is None else state.tracing.for_request(model=req.model, max_tokens=max_tokens)
     response_id, created = new_id("chatcmpl"), int(time.time())
+    headers = strict.ignored_headers(ignored)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -123,16 +233,29 @@ async def create_chat_completion(request: Request) -> Response:
             )
 
         async def events() -> AsyncIterator[dict[str, Any]]:
+            parsers = [ToolCallParser() if plan.parses_tools else None for _ in range(n)]
             for j in range(n):
                 yield chunk([protocol.chat_chunk_choice(j, {"role": "assistant", "content": ""})])
             usages: list[Usage] = []
             async for index, delta in merge(streams, state.metrics, trace=trace):
-                if delta.text:
-                    yield chunk([protocol.chat_chunk_choice(index, {"content": delta.text})])
+                lps = protocol.chat_logprobs(delta.logprobs) if n_logprobs is not None else None
+                parser = parsers[index]
+                if parser is None:
+                    if delta.text or lps:
+                        yield chunk([protocol.chat_chunk_choice(index, {"content": delta.text}, logprobs=lps)])
+                else:
+                    evs = parser.feed(delta.text)
+                    if delta.finish_reason is not None:
+                        evs += parser.finish()
+                    for k, ev in enumerate(evs):
+                        yield chunk([protocol.chat_chunk_choice(index, _event_delta(ev), logprobs=lps if k == 0 else None)])
+                    if lps and not evs:
+                        yield chunk([protocol.chat_chunk_choice(index, {}, logprobs=lps)])
                 if delta.finish_reason is not None:
                     assert delta.usage is not None
                     usages.append(delta.usage)
-                    yield chunk([protocol.chat_chunk_choice(index, {}, delta.finish_reason)])
+                    n_calls = parser.n_calls if parser is not None else 0
+                    yield chunk([protocol.chat_chunk_choice(index, {}, _finish(delta.finish_reason, n_calls))])
             if include_usage:
                 yield chunk([], sum_usage([len(tokens)], usages))
 
@@ -140,6 +263,7 @@ async def create_chat_completion(request: Request) -> Response:
             events(),
             on_disconnect=lambda: cancel_all(streams, state.metrics),
             on_error=lambda error: state.metrics.record_error(error.type),
+            headers=headers,
         )
 
     try:
@@ -147,6 +271,16 @@ async def create_chat_completion(request: Request) -> Response:
     except ClientGone:  # collect() closed the streams
         state.metrics.record_cancelled()
         return Response(status_code=499)
-    choices = [protocol.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+    choices = []
+    for i, r in enumerate(results):
+        lps = protocol.chat_logprobs(r.logprobs) if n_logprobs is not None else None
+        if plan.parses_tools:
+            parser = ToolCallParser()
+            content, calls = collect_calls([*parser.feed(r.text), *parser.finish()])
+            reason = _finish(r.finish_reason, len(calls))
+            choices.append(protocol.chat_choice(i, content, reason, tool_calls=calls, logprobs=lps))
+        else:
+            choices.append(protocol.chat_choice(i, r.text, r.finish_reason, logprobs=lps))
     usage = sum_usage([len(tokens)], [r.usage for r in results])
-    return JSONResponse(protocol.chat_completion(response_id, created, req.model, choices, usage))
+    body = protocol.chat_completion(response_id, created, req.model, choices, usage)
+    return JSONResponse(body, headers=headers)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cria.api import protocol
+from cria.api import protocol, strict
 from cria.api.generate import new_id
 from cria.api.lifecycle import ClientGone, read_json, unless_disconnected
 from cria.api.state import state_of
@@ -59,6 +59,7 @@ async def create_embeddings(request: Request) -> Response:
     except ClientGone:
         return Response(status_code=499)
     state.check_embedding_model(req.model)
+    ignored = strict.check(req, lenient=state.settings.lenient)
     if req.dimensions is not None and req.dimensions > engine.embedding_size:
         raise InvalidRequest(
             f"dimensions is {req.dimensions}; this model's embeddings have "
@@ -79,5 +80,6 @@ async def create_embeddings(request: Request) -> Response:
             result.vectors,
             result.n_prompt_tokens,
             as_base64=req.encoding_format == "base64",
-        )
+        ),
+        headers=strict.ignored_headers(ignored),
     )

@@ -1,0 +1,98 @@
+"""Structured output: response_format and tool schemas -> a llama.cpp grammar, or a 400.
+
+A schema is first checked against JSON Schema's meta-schema (invalid -> 400), then compiled to
+GBNF by cria.grammar; a feature the grammar cannot enforce is a 400 naming it, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped]
+
+from cria.chat.tools import Function, ToolChoice
+from cria.errors import InvalidRequest
+from cria.grammar import (
+    SchemaError,
+    UnsupportedSchema,
+    json_object_grammar,
+    json_schema_grammar,
+    tool_call_grammar,
+)
+
+# The output so far, up to a tool call's opening tag: where a lazy tool grammar takes over
+# (llama.cpp matches the whole output; the grammar starts at the first group).
+TOOL_CALL_TRIGGER = r"[\s\S]*?(<tool_call>)[\s\S]*"
+
+
+def _check_schema(schema: Any, param: str) -> None:
+    if not isinstance(schema, dict | bool):
+        raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = ".".join(str(p) for p in exc.absolute_path)
+        raise InvalidRequest(
+            f"{param} is not a valid JSON Schema{f' (at {where})' if where else ''}: {exc.message}",
+            param=param,
+        ) from None
+
+
+def _compile(schema: Any, param: str) -> str:
+    _check_schema(schema, param)
+    try:
+        return json_schema_grammar(schema)
+    except UnsupportedSchema as exc:
+        at = f" (at {exc.path})" if exc.path else ""
+        raise InvalidRequest(
+            f"{param} uses {exc.feature}{at}, which this server cannot enforce: {exc}",
+            param=param,
+            code="unsupported_schema",
+        ) from None
+    except SchemaError as exc:
+        at = f" (at {exc.path})" if exc.path else ""
+        raise InvalidRequest(f"{param} is not a valid schema{at}: {exc}", param=param) from None
+
+
+def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
+    """The grammar that enforces `response_format`, or None for plain text."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_grammar()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidRequest(
+                "response_format.json_schema is required with type json_schema",
+                param="response_format.json_schema",
+            )
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest(
+                "response_format.json_schema.name is required", param="response_format.json_schema.name"
+            )
+        if "schema" not in spec:  # OpenAI allows it to be absent: any JSON object
+            return json_object_grammar()
+        return _compile(spec["schema"], "response_format.json_schema.schema")
+    raise InvalidRequest(
+        f"response_format.type must be text, json_object or json_schema, not {kind!r}",
+        param="response_format.type",
+    )
+
+
+def check_tool_schemas(functions: Sequence[Function]) -> None:
+    """Each function's parameters must be a valid schema this server can enforce."""
+    for i, fn in enumerate(functions):
+        _compile(fn.parameters, f"tools[{i}].function.parameters")
+
+
+def tool_grammar(functions: Sequence[Function], choice: ToolChoice, *, parallel: bool) -> str:
+    """The grammar of tool calls allowed by `choice` (required: any function; named: that
+    one)."""
+    chosen = [f for f in functions if choice.mode != "named" or f.name == choice.name]
+    return tool_call_grammar([(f.name, f.parameters) for f in chosen], parallel=parallel)
