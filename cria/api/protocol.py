@@ -274,7 +274,8 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
 class CompletionLogprobs:
     """Builds /v1/completions' `logprobs` object (tokens, token_logprobs, top_logprobs,
     text_offset) for one choice, in pieces as they stream; offsets count characters of the
-    choice's text from its start (the echoed prompt included)."""
+    choice's text from its start (the echoed prompt included). Only the first echoed prompt
+    token has null entries (no context), as OpenAI sends it."""
 
     def __init__(self, n_top: int) -> None:
         self.n_top = n_top
@@ -297,7 +298,11 @@ class CompletionLogprobs:
                 top.append(None)
             else:
                 token_logprobs.append(e.logprob)
-                top.append({_token_text(p): lp for _t, p, lp in e.top} if self.n_top else None)
+                # The n most likely tokens and, as OpenAI does ("up to logprobs+1 elements"),
+                # always the sampled one: a dict even for logprobs=0 (the spec allows no null).
+                alternatives = {_token_text(p): lp for _t, p, lp in e.top}
+                alternatives.setdefault(text, e.logprob)
+                top.append(alternatives)
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,

@@ -266,7 +266,13 @@ def test_chat_logprobs(server: Server, stream: bool) -> None:
     if stream:
         chunks = post_stream(server, "/chat/completions", body)
         validate_each("CreateChatCompletionStreamResponse", chunks)
-        entries = [e for c in chunks for ch in c["choices"] if ch.get("logprobs") for e in ch["logprobs"]["content"]]
+        entries = [
+            e
+            for c in chunks
+            for ch in c["choices"]
+            if ch.get("logprobs")
+            for e in ch["logprobs"]["content"]
+        ]
     else:
         r = httpx.post(server.v1 + "/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
@@ -295,7 +301,11 @@ def test_chat_forced_tool_call(server: Server, stream: bool) -> None:
 
 def test_chat_response_format_json_schema(http: httpx.Client) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
-    r = http.post("/v1/chat/completions", json=chat_body(response_format=fmt, max_tokens=40))
+    messages = [{"role": "user", "content": "Name a city as JSON."}]
+    r = http.post(
+        "/v1/chat/completions",
+        json=chat_body(messages=messages, response_format=fmt, max_tokens=40),
+    )
     assert r.status_code == 200, r.text
     validate("CreateChatCompletionResponse", r.json())
     assert r.json()["choices"][0]["finish_reason"] == "stop"
@@ -310,7 +320,11 @@ def _first_echoed_entry_nulls(body: dict[str, Any]) -> dict[str, Any]:
         lp = choice["logprobs"]
         if lp is not None and lp["tokens"] and lp["token_logprobs"][0] is None:
             assert lp["top_logprobs"][0] is None, lp
-            lp = {**lp, "token_logprobs": lp["token_logprobs"][1:], "top_logprobs": lp["top_logprobs"][1:]}
+            lp = {
+                **lp,
+                "token_logprobs": lp["token_logprobs"][1:],
+                "top_logprobs": lp["top_logprobs"][1:],
+            }
         choices.append({**choice, "logprobs": lp})
     return {**body, "choices": choices}
 
@@ -337,7 +351,9 @@ def test_completion_features(http: httpx.Client, overrides: dict[str, Any]) -> N
     assert len(body["choices"]) == 1
 
 
-STREAM_CASES = {k: COMPLETION_CASES[k] for k in ("logprobs2", "echo-logprobs", "max-tokens0-echo-logprobs0")}
+STREAM_CASES = {
+    k: COMPLETION_CASES[k] for k in ("logprobs2", "echo-logprobs", "max-tokens0-echo-logprobs0")
+}
 
 
 @pytest.mark.parametrize("overrides", list(STREAM_CASES.values()), ids=list(STREAM_CASES))

@@ -59,3 +59,11 @@ def test_completion_logprobs_offsets_continue_across_chunks() -> None:
     assert first["text_offset"] == [0, 3]
     second = builder.build([_entry(b" world", -2.0, ((6, b" world", -2.0),))])
     assert second["text_offset"] == [5]
+
+
+def test_completion_top_logprobs_always_hold_the_sampled_token() -> None:
+    """OpenAI's spec types each top_logprobs entry as an object: with logprobs=0 it is the
+    sampled token alone, and a sampled token outside the top n is added to them."""
+    assert CompletionLogprobs(n_top=0).build([_entry(b"a", -3.0)])["top_logprobs"] == [{"a": -3.0}]
+    out = CompletionLogprobs(n_top=1).build([_entry(b"a", -3.0, ((7, b"b", -0.1),))])
+    assert out["top_logprobs"] == [{"b": -0.1, "a": -3.0}]
