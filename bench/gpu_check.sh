@@ -8,7 +8,7 @@ set -euo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 PY=${PY:-python3}
 if [ -z "${SKIP_INSTALL:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
+  rm -rf /tmp/site; $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true

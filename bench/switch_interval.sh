@@ -9,7 +9,7 @@ set -euo pipefail
 OUT=${OUT:-/tmp/si-out}; mkdir -p "$OUT"
 PY=${PY:-python3}
 if [ -z "${SKIP_INSTALL:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
+  rm -rf /tmp/site; $PY -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
 if [ -n "${QUICK:-}" ]; then
@@ -31,11 +31,12 @@ for si in $INTERVALS; do
     --host 127.0.0.1 --port $PORT --log-level warning > "$OUT/server-$si.log" 2>&1 &
   SERVER=$!
   for i in $(seq 1 240); do
+    kill -0 $SERVER 2>/dev/null || { tail -5 "$OUT/server-$si.log"; exit 1; }
     $PY -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && break
     sleep 0.5
   done
   echo "switchinterval $si"
-  $PY bench/loadgen.py --base-url http://127.0.0.1:$PORT/v1 --endpoint completions -c "$STREAMS" -n $((STREAMS * 2)) \
+  $PY bench/loadgen.py --base-url http://127.0.0.1:$PORT/v1 --endpoint completions -c "$STREAMS" -n "${REQUESTS:-$((STREAMS * 2))}" \
     --max-tokens 128 --json "$OUT/http-$si.json" > "$OUT/http-$si.txt" 2>&1 || true
   grep -E "aggregate|ITL" "$OUT/http-$si.txt" || tail -3 "$OUT/http-$si.txt"
   kill $SERVER; wait $SERVER 2>/dev/null || true

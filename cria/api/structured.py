@@ -21,9 +21,9 @@ from cria.grammar import (
     tool_call_grammar,
 )
 
-# The output so far, up to a tool call's opening tag: where a lazy tool grammar takes over
-# (llama.cpp matches the whole output; the grammar starts at the first group).
-TOOL_CALL_TRIGGER = r"[\s\S]*?(<tool_call>)[\s\S]*"
+# With tool_choice auto, the output is free until a tool call's opening tag; the tool grammar
+# applies from the tag on.
+TOOL_CALL_TRIGGER = "<tool_call>"
 
 
 def _check_schema(schema: Any, param: str) -> None:

@@ -429,17 +429,9 @@ class EmbeddingContext:
             self._ctx = None
 
 
-def _grammar_sampler(vocab: Any, grammar: str, trigger: str | None) -> Any:
-    """llama.cpp's grammar sampler (root rule "root"). With a trigger pattern it is lazy: it
-    constrains nothing until the output matches the pattern (which must match the whole
-    output so far; the grammar then applies from its first capture group on)."""
-    if trigger is None:
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-    else:
-        patterns = (ctypes.c_char_p * 1)(trigger.encode())
-        sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-            vocab, grammar.encode(), b"root", patterns, 1, None, 0
-        )
+def _grammar_sampler(vocab: Any, grammar: str) -> Any:
+    """llama.cpp's grammar sampler (root rule "root")."""
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
     if not sampler:
         raise LlamaError("llama.cpp could not parse the grammar")
     return sampler
@@ -543,20 +535,59 @@ class ConstrainedSampler:
     first and keep the token if the grammar allows it (one check); only otherwise apply the
     grammar to the whole vocabulary and draw again. Checking every candidate costs tens of
     milliseconds per token on a 49k vocabulary; most tokens pass the cheap check.
-    Greedy outputs are exactly the grammar-constrained argmax."""
+    Greedy outputs are exactly the grammar-constrained argmax.
+
+    With a `trigger` (literal text), the output is free until the trigger appears; the grammar
+    then applies from the trigger's first character on. This is done here rather than with
+    llama.cpp's lazy grammar: a token that completes the trigger may carry text the grammar
+    refuses (llama.cpp then throws a C++ exception through ctypes and the process aborts), and
+    its trigger regex is searched over the whole output at every token. Here such a token is
+    refused and another drawn, and the search looks at the last piece only.
+    """
+
+    MAX_REDRAWS = 16  # tokens refused in a row at a trigger before giving up on the call
 
     def __init__(
         self, recipe: Sequence[SamplerStep], *, model: LlamaModel, grammar: str, trigger: str | None
     ) -> None:
+        self._model = model
+        self._source = grammar
         self._chain = SamplerChain(recipe, model=model)
+        self._grammar: Any = None
         try:
-            self._grammar = _grammar_sampler(model.vocab, grammar, trigger)
+            if trigger is None:
+                self._grammar = _grammar_sampler(model.vocab, grammar)
+            else:
+                _grammar_sampler_free(_grammar_sampler(model.vocab, grammar))  # parses?
         except BaseException:
             self._chain.close()
             raise
+        self._trigger = trigger.encode() if trigger is not None else b""
+        self._recent = b""  # the output's last bytes, while waiting for the trigger
         self._all = _Candidates(model.n_vocab)
         self._check = _Candidates(1)
         self.n_full = 0  # draws that needed the grammar over the whole vocabulary
+
+    def _allows(self, grammar: Any, token: int) -> bool:
+        check = self._check
+        check.one(token)
+        llama_cpp.llama_sampler_apply(grammar, check.ref)
+        return bool(np.isfinite(check.data["logit"][0]))
+
+    def _start_at(self, tail: bytes) -> bool:
+        """Start the grammar on `tail` (the output from the trigger on), if it allows it."""
+        try:
+            text = tail.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        grammar = _grammar_sampler(self._model.vocab, self._source)
+        for token in self._model.tokenize(text, add_special=False, parse_special=False):
+            if not self._allows(grammar, token):
+                _grammar_sampler_free(grammar)
+                return False
+            llama_cpp.llama_sampler_accept(grammar, token)
+        self._grammar = grammar
+        return True
 
     def sample(self, ctx: LlamaContext, row: int) -> int:
         logits = llama_cpp.llama_get_logits_ith(ctx.ptr, row - ctx.n_outputs)
@@ -565,21 +596,46 @@ class ConstrainedSampler:
         cur.fill(values)
         llama_cpp.llama_sampler_apply(chain, cur.ref)
         token = cur.selected
-        check = self._check
-        check.one(token)
-        llama_cpp.llama_sampler_apply(self._grammar, check.ref)
-        if not np.isfinite(check.data["logit"][0]):
+        if self._grammar is None:
+            token = self._free_token(values, token)
+        elif not self._allows(self._grammar, token):
             self.n_full += 1
             cur.fill(values)
             llama_cpp.llama_sampler_apply(self._grammar, cur.ref)
             llama_cpp.llama_sampler_apply(chain, cur.ref)
             token = cur.selected
-        llama_cpp.llama_sampler_accept(self._grammar, token)
+            llama_cpp.llama_sampler_accept(self._grammar, token)
+        else:
+            llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
 
+    def _free_token(self, values: np.ndarray, token: int) -> int:
+        """Before the trigger: `token`, unless it completes the trigger with text after it that
+        the grammar refuses; then other tokens are drawn (the refused ones excluded)."""
+        trigger, banned = self._trigger, list[int]()
+        while True:
+            text = self._recent + self._model.token_piece(token)
+            at = text.find(trigger)
+            if at >= 0 and self._start_at(text[at:]):
+                return token
+            if at < 0 or len(banned) >= self.MAX_REDRAWS:
+                # Free text (after too many refusals, a malformed tag stays text too).
+                self._recent = text[len(text) - len(trigger) + 1 :] if len(trigger) > 1 else b""
+                return token
+            banned.append(token)
+            cur = self._all
+            cur.fill(values)
+            cur.data["logit"][banned] = -np.inf
+            llama_cpp.llama_sampler_apply(self._chain.ptr, cur.ref)
+            token = cur.selected
+
     def close(self) -> None:
         self._chain.close()
-        if self._grammar:
-            llama_cpp.llama_sampler_free(self._grammar)
+        if self._grammar is not None:
+            _grammar_sampler_free(self._grammar)
             self._grammar = None
+
+
+def _grammar_sampler_free(sampler: Any) -> None:
+    llama_cpp.llama_sampler_free(sampler)

@@ -24,8 +24,8 @@ class SamplingParams:
     seed: int | None = None  # None = a random seed
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit)
     grammar: str | None = None  # GBNF (root rule "root") every sampled token must follow
-    # With a trigger (a regex over the output so far, its first group marking where the grammar
-    # starts), the grammar applies only from the trigger on: free text, then constrained output.
+    # With a trigger (literal text), the output is free until the trigger appears; the grammar
+    # applies from the trigger's first character on.
     grammar_trigger: str | None = None
 
     @property

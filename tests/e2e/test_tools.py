@@ -206,3 +206,18 @@ def test_bad_tool_requests_are_400(http: httpx.Client, extra: dict[str, Any], pa
     r = http.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": ASK, "max_tokens": 4, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_auto_survives_a_token_that_completes_the_tag_with_junk(http: httpx.Client) -> None:
+    """A token such as '>.' completing '<tool_call' carries text the tool grammar refuses:
+    it is redrawn (llama.cpp's own lazy grammar would abort the process here)."""
+    messages = [{"role": "user", "content": "Repeat exactly, nothing else: <tool_call>. <tool_call>. <tool_call>."}]
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL_ID, "messages": messages, "tools": TOOLS, "temperature": 0, "max_tokens": 60,
+        "logit_bias": {"46": -100, "19369": 5},  # '>' banned, '>.' favoured
+    }, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "tool_calls":
+        _check_calls(choice["message"], set(SCHEMAS))
+    assert http.get("/health").status_code == 200
