@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from cria.telemetry.logs import note_sequence
 from cria.telemetry.metrics import Metrics
 from cria.telemetry.tracing import RequestTrace
 
+_TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only (str.isdigit() accepts "²")
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -40,7 +43,7 @@ def sampling_from(
     n > 1 gives different but reproducible choices)."""
     bias: list[tuple[int, float]] = []
     for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < n_vocab:
+        if not _TOKEN_ID.fullmatch(key) or not 0 <= int(key) < n_vocab:
             raise InvalidRequest(f"logit_bias key {key!r} is not a token id in [0, {n_vocab})", param="logit_bias")
         bias.append((int(key), value))
     return SamplingParams(
@@ -60,6 +63,12 @@ def sampling_from(
 
 def submit_all(engine: Engine, requests: Sequence[GenerationRequest]) -> list[RequestStream]:
     """Submit every request or none: if one is refused, the ones already queued are aborted."""
+    if len(requests) > engine.config.max_queue:
+        raise InvalidRequest(
+            f"this request asks for {len(requests)} sequences; this server queues at most "
+            f"{engine.config.max_queue} (--max-queue)",
+            param="n",
+        )
     streams: list[RequestStream] = []
     try:
         for request in requests:
@@ -179,10 +188,15 @@ async def merge(
             stream.close()
 
 
-def sum_usage(prompt_lengths: Sequence[int], usages: Sequence[Usage]) -> Usage:
-    """Prompt tokens count once per prompt (not per choice); completion tokens per choice."""
+def sum_usage(prompt_lengths: Sequence[int], usages: Sequence[tuple[int, Usage]]) -> Usage:
+    """`usages`: (prompt index, usage) of each choice. Prompt tokens count once per prompt (not
+    per choice); completion tokens per choice. A prompt's cached tokens are those of its choice
+    that reused the least (the others of `n` copy what that one computed)."""
+    cached: dict[int, int] = {}
+    for prompt, usage in usages:
+        cached[prompt] = min(cached.get(prompt, usage.cached_tokens), usage.cached_tokens)
     return Usage(
         prompt_tokens=sum(prompt_lengths),
-        completion_tokens=sum(u.completion_tokens for u in usages),
-        cached_tokens=min(sum(u.cached_tokens for u in usages), sum(prompt_lengths)),
+        completion_tokens=sum(u.completion_tokens for _p, u in usages),
+        cached_tokens=sum(cached.values()),
     )

@@ -86,8 +86,11 @@ class CompletionRequest(_SamplingFields):
 class ContentPart(_Request):
     type: str
     text: str | None = None
-    # Parts other than text (image_url, input_audio, file) are refused by the chat route.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    refusal: str | None = None  # {"type": "refusal"} parts of an assistant turn sent back
+    # Parts other than text and refusal are refused by the chat route, naming the part.
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
 
 
 class FunctionCall(_Request):
@@ -114,6 +117,18 @@ class ChatMessage(_Request):
     function_call: Any = None  # judged in strict.py
 
 
+class JsonSchemaFormat(_Request):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -123,7 +138,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     # Accepted, changing nothing a local server could change: identifiers and cache hints
     # (prefix caching is automatic here).
     safety_identifier: str | None = None

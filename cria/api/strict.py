@@ -81,6 +81,17 @@ def _walk(model: BaseModel, prefix: str) -> Iterator[Unhonoured]:
                     yield from _walk(item, f"{prefix}{name}[{i}].")
 
 
+def dict_extras(value: Any, allowed: set[str], prefix: str) -> list[Unhonoured]:
+    """Keys of a free-form object (e.g. a tool definition) that this server does not know."""
+    if not isinstance(value, dict):
+        return []
+    return [
+        Unhonoured(prefix + key, f"unrecognized request argument supplied: {prefix}{key}", "unknown_parameter")
+        for key in value
+        if key not in allowed
+    ]
+
+
 def unhonoured(request: BaseModel) -> list[Unhonoured]:
     """Every field of a validated request that this server would not honour."""
     return list(_walk(request, ""))

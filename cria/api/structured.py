@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
 
+from cria.api.protocol import ResponseFormat
 from cria.chat.tools import Function, ToolChoice
 from cria.errors import InvalidRequest
 from cria.grammar import (
@@ -31,6 +32,8 @@ def _check_schema(schema: Any, param: str) -> None:
         raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
+    except RecursionError:
+        raise InvalidRequest(f"{param} is nested too deeply", param=param) from None
     except jsonschema.SchemaError as exc:
         where = ".".join(str(p) for p in exc.absolute_path)
         raise InvalidRequest(
@@ -43,6 +46,8 @@ def _compile(schema: Any, param: str) -> str:
     _check_schema(schema, param)
     try:
         return json_schema_grammar(schema)
+    except RecursionError:
+        raise InvalidRequest(f"{param} is nested too deeply", param=param) from None
     except UnsupportedSchema as exc:
         at = f" (at {exc.path})" if exc.path else ""
         raise InvalidRequest(
@@ -55,34 +60,25 @@ def _compile(schema: Any, param: str) -> str:
         raise InvalidRequest(f"{param} is not a valid schema{at}: {exc}", param=param) from None
 
 
-def response_format_grammar(response_format: dict[str, Any] | None) -> str | None:
+def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
     """The grammar that enforces `response_format`, or None for plain text."""
-    if response_format is None:
+    if response_format is None or response_format.type == "text":
         return None
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
+    if response_format.type == "json_object":
         return json_object_grammar()
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict):
-            raise InvalidRequest(
-                "response_format.json_schema is required with type json_schema",
-                param="response_format.json_schema",
-            )
-        name = spec.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest(
-                "response_format.json_schema.name is required", param="response_format.json_schema.name"
-            )
-        if "schema" not in spec:  # OpenAI allows it to be absent: any JSON object
-            return json_object_grammar()
-        return _compile(spec["schema"], "response_format.json_schema.schema")
-    raise InvalidRequest(
-        f"response_format.type must be text, json_object or json_schema, not {kind!r}",
-        param="response_format.type",
-    )
+    spec = response_format.json_schema
+    if spec is None:
+        raise InvalidRequest(
+            "response_format.json_schema is required with type json_schema",
+            param="response_format.json_schema",
+        )
+    if not spec.name:
+        raise InvalidRequest(
+            "response_format.json_schema.name must not be empty", param="response_format.json_schema.name"
+        )
+    if spec.schema_ is None:  # OpenAI allows it to be absent: any JSON object
+        return json_object_grammar()
+    return _compile(spec.schema_, "response_format.json_schema.schema")
 
 
 def check_tool_schemas(functions: Sequence[Function]) -> None:

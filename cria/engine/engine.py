@@ -199,6 +199,10 @@ class Engine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._require_ready().detokenize(tokens)
 
+    def check_grammar(self, grammar: str) -> bool:
+        """Whether llama.cpp parses this grammar (it reads only the vocabulary)."""
+        return self._require_ready().check_grammar(grammar)
+
     def token_piece(self, token: int) -> bytes:
         model = self._require_ready()
         if not 0 <= token < model.n_vocab:
@@ -523,7 +527,9 @@ class Engine:
     def _admit(self) -> None:
         assert self._ctx is not None and self.model is not None
         deferred: list[_Seq] = []
-        while self._waiting and self._slots.n_free:
+        # A deferred request keeps its place: the slots it will need are not given to requests
+        # queued after it.
+        while self._waiting and self._slots.n_free > len(deferred):
             seq = self._waiting.popleft()
             if self._group_is_prefilling(seq):
                 deferred.append(seq)  # admitted once the group's prompt is in the KV cache
@@ -532,14 +538,15 @@ class Engine:
             choice = self._slots.choose(seq.req.prompt)
             assert choice is not None
             slot_id, n_reuse = choice
-            self._save_evicted(slot_id, n_reuse)
             if seq.req.prompt_logprobs:
                 # Every prompt token's logits are needed: nothing cached can stand in for them.
+                self._save_evicted(slot_id, 0)
                 self._ctx.seq_rm(slot_id, 0)
                 seq.slot = self._slots.acquire(slot_id, 0)
                 seq.prompt_lps = [None]
                 self._start(seq, slot_id, 0)
                 continue
+            self._save_evicted(slot_id, n_reuse)
             donor = self._slots.best_donor(seq.req.prompt, exclude=slot_id)
             saved = self._prompt_cache.best(seq.req.prompt) if self._prompt_cache else None
             n_donor = donor[1] if donor is not None else 0
@@ -670,8 +677,16 @@ class Engine:
         for seq, fed_tokens in fed:
             seq.slot.cached.extend(fed_tokens)  # type: ignore[union-attr]
             seq.pending = None
+        failed: set[int] = set()
         for seq, first_row, start, n in scored:
-            self._score_prompt(seq, first_row, start, n)
+            try:
+                self._score_prompt(seq, first_row, start, n)
+            except Exception as exc:  # e.g. out of memory: this request fails, not the engine
+                log.exception("could not score the prompt of %s", seq.req.id)
+                self._fail(seq, EngineFailure(f"could not compute the prompt's logprobs: {exc}"))
+                failed.add(id(seq))
+        if failed:
+            to_sample = [(seq, row) for seq, row in to_sample if id(seq) not in failed]
         return to_sample
 
     def _score_prompt(self, seq: _Seq, first_row: int, start: int, n: int) -> None:

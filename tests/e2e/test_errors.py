@@ -106,7 +106,7 @@ def test_context_overflow_is_400_not_truncation(http: httpx.Client) -> None:
     err = assert_error(http.post(COMPLETIONS, json={"model": MODEL_ID, "prompt": "Hi", "max_tokens": 5000}), 400, code="context_length_exceeded")
     assert err["param"] == "max_tokens"
     assert_error(http.post(CHAT, json=chat(messages=[{"role": "user", "content": long_prompt}], max_tokens=None)), 400, code="context_length_exceeded")
-    assert_error(http.post(CHAT, json=chat(max_completion_tokens=4000)), 400, code="context_length_exceeded", param="max_completion_tokens")
+    assert_error(http.post(CHAT, json=chat(max_tokens=None, max_completion_tokens=4000)), 400, code="context_length_exceeded", param="max_completion_tokens")
 
 
 def test_body_over_limit_is_413(http: httpx.Client) -> None:

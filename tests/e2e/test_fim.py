@@ -149,3 +149,13 @@ def test_suffix_with_two_prompts_and_n(fim_http: httpx.Client) -> None:
     n_suffix = _n_tokens(fim_http, SUFFIX)
     per_prompt = [_n_tokens(fim_http, p) + n_suffix + len(FIM_TOKENS) for p in (PROMPT, "x = ")]
     assert body["usage"]["prompt_tokens"] == sum(per_prompt)
+
+
+def test_echo_with_suffix_echoes_the_prompt_only(fim_http: httpx.Client) -> None:
+    r = fim_http.post("/v1/completions", json=_fim_body(echo=True))
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert text.startswith(PROMPT)
+    assert SUFFIX.strip() not in text[: len(PROMPT) + 1]
+    r = fim_http.post("/v1/completions", json=_fim_body(echo=True, logprobs=1))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"

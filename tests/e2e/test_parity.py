@@ -362,3 +362,74 @@ def test_capabilities(http: httpx.Client) -> None:
     assert "response_format" in caps["parameters"]["/v1/chat/completions"]
     assert "suffix" in caps["parameters"]["/v1/completions"]
     assert "json_schema" in caps["structured_output"]
+
+
+# ---- review findings: limits, combinations, free-form objects ----
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"max_tokens": 2, "max_completion_tokens": 2}, "max_tokens"),
+        ({"response_format": {"type": "json_object", "schema": {"type": "object"}}}, "response_format.schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "bogus": 1}}},
+         "response_format.json_schema.bogus"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}, "extra": 1}]}, "tools[0].extra"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "colour": "red"}}]}, "tools[0].function.colour"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "f", "x": 1}}}, "tool_choice.function.x"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": [{"$ref": "#"}, {"type": "string"}]}}}},
+         "response_format"),
+        ({"logit_bias": {"²": 1}}, "logit_bias"),
+    ],
+)
+def test_chat_requests_refused_with_the_param(http: httpx.Client, body: dict[str, Any], param: str) -> None:
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_deeply_nested_schema_is_400(http: httpx.Client) -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(150):
+        schema = {"type": "array", "items": schema}
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format.json_schema.schema"
+
+
+def test_refusal_parts_in_history_are_accepted(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL_ID, max_tokens=2, messages=[
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+        {"role": "user", "content": "Fine."},
+    ])
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_completion_n_and_best_of_limits(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"model": MODEL_ID, "prompt": "Hi", "n": 12, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 12
+    r = http.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["a"] * 20, "best_of": 20, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    r = http.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["a"] * 300, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_cached_tokens_with_n_count_the_prompt_once(client: openai.OpenAI) -> None:
+    prompt = "A fresh prompt about pelicans that no earlier test has sent, long enough to matter. " * 4
+    r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=1, n=3)
+    details = r.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert details.cached_tokens < r.usage.prompt_tokens  # the first choice computed it
+
+
+def test_tokenize_refuses_fields_it_would_ignore(http: httpx.Client) -> None:
+    r = http.post("/tokenize", json={"messages": [{"role": "user", "content": "x"}], "add_special": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "add_special"
+    r = http.post("/tokenize", json={"content": "x", "tools": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"

@@ -61,12 +61,13 @@ def _message_dicts(messages: list[protocol.ChatMessage]) -> list[dict[str, Any]]
         else:
             texts: list[str] = []
             for j, part in enumerate(m.content):
-                if part.type not in ("text", "refusal") or part.text is None:
+                part_text = part.refusal if part.type == "refusal" else part.text
+                if part.type not in ("text", "refusal") or part_text is None:
                     raise InvalidRequest(
                         f"content part type '{part.type}' is not supported by this model (text only)",
                         param=f"messages[{i}].content[{j}]",
                     )
-                texts.append(part.text)
+                texts.append(part_text)
             text = "\n".join(texts)
         if m.role == "tool" and m.tool_call_id is None:
             raise InvalidRequest(
@@ -134,6 +135,12 @@ def _plan(state: AppState, req: protocol.ChatCompletionRequest) -> _Plan:
             "the output)",
             param="ignore_eos",
         )
+    if grammar is not None and not state.engine.check_grammar(grammar):
+        # A schema whose grammar llama.cpp refuses (e.g. left recursion): the request's fault.
+        raise InvalidRequest(
+            "the schema cannot be turned into a grammar llama.cpp accepts (is it left-recursive?)",
+            param="response_format" if req.response_format is not None else "tools",
+        )
     tokens = render_prompt(state, req.messages, functions, choice, parallel=parallel)
     return _Plan(tokens, choice, grammar, trigger)
 
@@ -160,6 +167,32 @@ def render_prompt(
     # The template usually writes BOS itself; add it only when the model wants it and it is not there.
     add_special = not (bos and text.startswith(bos))
     return state.engine.tokenize(text, add_special=add_special)
+
+
+def _tool_extras(req: protocol.ChatCompletionRequest) -> list[strict.Unhonoured]:
+    """Unknown keys inside tool definitions and tool_choice (free-form JSON in the model)."""
+    out: list[strict.Unhonoured] = []
+    for i, tool in enumerate(req.tools or []):
+        out += strict.dict_extras(tool, {"type", "function"}, f"tools[{i}].")
+        if isinstance(tool, dict):
+            out += strict.dict_extras(
+                tool.get("function"),
+                {"name", "description", "parameters", "strict"},
+                f"tools[{i}].function.",
+            )
+    out += strict.dict_extras(req.tool_choice, {"type", "function"}, "tool_choice.")
+    if isinstance(req.tool_choice, dict):
+        out += strict.dict_extras(req.tool_choice.get("function"), {"name"}, "tool_choice.function.")
+    return out
+
+
+def _check_combinations(req: protocol.ChatCompletionRequest) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        raise InvalidRequest(
+            "give max_completion_tokens or max_tokens (deprecated), not both", param="max_tokens"
+        )
 
 
 def _logprobs_count(req: protocol.ChatCompletionRequest) -> int | None:
@@ -191,7 +224,8 @@ async def create_chat_completion(request: Request) -> Response:
     except ClientGone:
         return Response(status_code=499)
     state.check_model(req.model)
-    ignored = strict.check(req, lenient=state.settings.lenient)
+    ignored = strict.check(req, lenient=state.settings.lenient, more=_tool_extras(req))
+    _check_combinations(req)
     n_logprobs = _logprobs_count(req)
     plan = _plan(state, req)
     tokens = plan.prompt
@@ -236,7 +270,7 @@ async def create_chat_completion(request: Request) -> Response:
             parsers = [ToolCallParser() if plan.parses_tools else None for _ in range(n)]
             for j in range(n):
                 yield chunk([protocol.chat_chunk_choice(j, {"role": "assistant", "content": ""})])
-            usages: list[Usage] = []
+            usages: list[tuple[int, Usage]] = []
             async for index, delta in merge(streams, state.metrics, trace=trace):
                 lps = protocol.chat_logprobs(delta.logprobs) if n_logprobs is not None else None
                 parser = parsers[index]
@@ -253,7 +287,7 @@ async def create_chat_completion(request: Request) -> Response:
                         yield chunk([protocol.chat_chunk_choice(index, {}, logprobs=lps)])
                 if delta.finish_reason is not None:
                     assert delta.usage is not None
-                    usages.append(delta.usage)
+                    usages.append((0, delta.usage))
                     n_calls = parser.n_calls if parser is not None else 0
                     yield chunk([protocol.chat_chunk_choice(index, {}, _finish(delta.finish_reason, n_calls))])
             if include_usage:
@@ -281,6 +315,6 @@ async def create_chat_completion(request: Request) -> Response:
             choices.append(protocol.chat_choice(i, content, reason, tool_calls=calls, logprobs=lps))
         else:
             choices.append(protocol.chat_choice(i, r.text, r.finish_reason, logprobs=lps))
-    usage = sum_usage([len(tokens)], [r.usage for r in results])
+    usage = sum_usage([len(tokens)], [(0, r.usage) for r in results])
     body = protocol.chat_completion(response_id, created, req.model, choices, usage)
     return JSONResponse(body, headers=headers)

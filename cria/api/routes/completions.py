@@ -31,6 +31,7 @@ from cria.errors import InvalidRequest
 router = APIRouter()
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_SEQUENCES = 128  # prompts x best_of (or n) in one request: OpenAI's bound on n
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:
@@ -107,22 +108,35 @@ async def create_completion(request: Request) -> Response:
         return Response(status_code=499)
     state.check_model(req.model)
     ignored = strict.check(req, lenient=state.settings.lenient)
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
     n = req.n or 1
     best_of = req.best_of or n
     if best_of < n:
         raise InvalidRequest(f"best_of ({best_of}) must be at least n ({n})", param="best_of")
     if best_of > n and req.stream:
         raise InvalidRequest("best_of cannot be used with stream", param="best_of")
-    if best_of * n > 128 or best_of > 20:
-        raise InvalidRequest("best_of is at most 20", param="best_of")
     echo = bool(req.echo)
     requested = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     if requested == 0 and not echo:
         raise InvalidRequest("max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
     if req.suffix:
+        if echo and req.logprobs is not None:
+            raise InvalidRequest(
+                "echo with logprobs is not supported together with suffix", param="suffix"
+            )
         prompts = _fim_prompts(engine, req.prompt, req.suffix)
+        shown_prompts = _tokenize_prompts(engine, req.prompt) if echo else []
     else:
         prompts = _tokenize_prompts(engine, req.prompt)
+        shown_prompts = prompts
+    n_sequences = best_of * len(prompts)
+    if n_sequences > max(MAX_SEQUENCES, n):
+        raise InvalidRequest(
+            f"this request asks for {n_sequences} sequences ({len(prompts)} prompts x "
+            f"{'best_of' if req.best_of else 'n'} {best_of}); at most {MAX_SEQUENCES} per request",
+            param="best_of" if req.best_of else "prompt",
+        )
     n_vocab = engine.n_vocab
     wants_logprobs = req.logprobs is not None
     # best_of ranks choices by their tokens' logprobs: computed then, shown only if asked.
@@ -147,7 +161,8 @@ async def create_completion(request: Request) -> Response:
                     group=group,
                 )
             )
-    echoes = [engine.detokenize(p) if echo else "" for p in prompts]
+    # The prompt as the client sent it (without fill-in-the-middle tokens and suffix).
+    echoes = [engine.detokenize(p) for p in shown_prompts] if echo else [""] * len(prompts)
     first_pieces = [engine.token_piece(p[0]) for p in prompts]
     streams = submit_all(engine, gens)
     trace = None if state.tracing is None else state.tracing.for_request(model=req.model, max_tokens=requested)
@@ -169,7 +184,7 @@ async def create_completion(request: Request) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events() -> AsyncIterator[dict[str, Any]]:
-            usages: list[Usage] = []
+            usages: list[tuple[int, Usage]] = []
             sent_echo: set[int] = set()
             builders = [protocol.CompletionLogprobs(n_top) for _ in streams]
             async for index, delta in merge(streams, state.metrics, trace=trace):
@@ -180,7 +195,7 @@ async def create_completion(request: Request) -> Response:
                 if not text and delta.finish_reason is None and not (wants_logprobs and delta.logprobs):
                     continue
                 if delta.usage is not None:
-                    usages.append(delta.usage)
+                    usages.append((index // n, delta.usage))
                 lp = None
                 if wants_logprobs:
                     lp = logprobs_of(builders[index], index // n, delta.prompt_logprobs, delta.logprobs)
@@ -203,7 +218,7 @@ async def create_completion(request: Request) -> Response:
     except ClientGone:  # collect() closed the streams
         state.metrics.record_cancelled()
         return Response(status_code=499)
-    usage = sum_usage(prompt_lengths, [r.usage for r in results])
+    usage = sum_usage(prompt_lengths, [(i // best_of, r.usage) for i, r in enumerate(results)])
     shown = _pick_best(results, best_of, n) if best_of > n else results
     choices = []
     for i, r in enumerate(shown):

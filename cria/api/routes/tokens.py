@@ -54,6 +54,15 @@ async def tokenize(request: Request) -> Response:
     given = [name for name in ("content", "prompt", "messages") if getattr(req, name) is not None]
     if len(given) != 1:
         raise InvalidRequest("give exactly one of content, prompt or messages", param="content")
+    if req.messages is not None and "add_special" in req.model_fields_set:
+        raise InvalidRequest(
+            "add_special applies to content or prompt (the chat template decides for messages)",
+            param="add_special",
+        )
+    if req.messages is None:
+        for name in ("tools", "tool_choice", "parallel_tool_calls"):
+            if name in req.model_fields_set:
+                raise InvalidRequest(f"{name} applies to messages only", param=name)
     engine = state.engine
     if req.messages is not None:
         functions = parse_tools(req.tools) if req.tools is not None else []
