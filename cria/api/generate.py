@@ -61,6 +61,24 @@ def sampling_from(
     )
 
 
+# Logprob entries (tokens x alternatives) a non-streamed response may hold: ~0.5 KB each until
+# the response is written. Streamed responses hand them out as they come.
+MAX_LOGPROB_ENTRIES = 1_000_000
+
+
+def check_logprobs_budget(n_sequences: int, max_tokens: int, n_top: int | None, *, stream: bool, param: str) -> None:
+    if n_top is None or stream:
+        return
+    entries = n_sequences * max_tokens * (n_top + 1)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise InvalidRequest(
+            f"{n_sequences} sequences x {max_tokens} tokens x {n_top + 1} logprobs is too much for "
+            f"one response (at most {MAX_LOGPROB_ENTRIES:,} entries): lower n, max_tokens or "
+            f"{param}, or stream the response",
+            param=param,
+        )
+
+
 def submit_all(engine: Engine, requests: Sequence[GenerationRequest]) -> list[RequestStream]:
     """Submit every request or none: if one is refused, the ones already queued are aborted."""
     if len(requests) > engine.config.max_queue:

@@ -433,3 +433,10 @@ def test_tokenize_refuses_fields_it_would_ignore(http: httpx.Client) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "add_special"
     r = http.post("/tokenize", json={"content": "x", "tools": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
+def test_non_streamed_logprobs_have_a_memory_budget(http: httpx.Client) -> None:
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "n": 128,
+        "logprobs": True, "top_logprobs": 20, "max_tokens": 1000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from cria.api import protocol, strict
 from cria.api.generate import (
     cancel_all,
+    check_logprobs_budget,
     collect,
     merge,
     new_id,
@@ -236,6 +237,7 @@ async def create_chat_completion(request: Request) -> Response:
         requested, param = req.max_tokens, "max_tokens"
     max_tokens = engine.resolve_max_tokens(len(tokens), requested, param=param)
     n = req.n or 1
+    check_logprobs_budget(n, max_tokens, n_logprobs, stream=bool(req.stream), param="top_logprobs")
     n_vocab = engine.n_vocab
     group = new_id("grp") if n > 1 else None
     gens = [

@@ -14,6 +14,7 @@ from cria.api import protocol, strict
 from cria.api.generate import (
     ChoiceResult,
     cancel_all,
+    check_logprobs_budget,
     collect,
     merge,
     new_id,
@@ -141,6 +142,10 @@ async def create_completion(request: Request) -> Response:
     wants_logprobs = req.logprobs is not None
     # best_of ranks choices by their tokens' logprobs: computed then, shown only if asked.
     n_logprobs = req.logprobs if wants_logprobs else (0 if best_of > n else None)
+    check_logprobs_budget(
+        n_sequences, requested + (max(map(len, prompts)) if echo else 0), req.logprobs,
+        stream=bool(req.stream), param="logprobs",
+    )
     gens: list[GenerationRequest] = []
     for tokens in prompts:
         max_tokens = engine.resolve_max_tokens(len(tokens), requested, param="max_tokens")
