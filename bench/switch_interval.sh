@@ -19,15 +19,19 @@ else
 fi
 STREAMS=${STREAMS:-64}
 INTERVALS=${INTERVALS:-"0.005 0.0005 0.0001"}
-$PY .gpu/make_synthetic_gguf.py --vocab .gpu/smollm2-vocab.gguf -o /tmp/m-f16.gguf "${SHAPE[@]}" --ctx 8192 > /dev/null
-$PY -c "
+MODEL=${MODEL:-}  # a GGUF to use instead of the synthetic model
+if [ -z "$MODEL" ]; then
+  $PY .gpu/make_synthetic_gguf.py --vocab .gpu/smollm2-vocab.gguf -o /tmp/m-f16.gguf "${SHAPE[@]}" --ctx 8192 > /dev/null
+  $PY -c "
 import llama_cpp
 p = llama_cpp.llama_model_quantize_default_params(); p.ftype = 15
 assert llama_cpp.llama_model_quantize(b'/tmp/m-f16.gguf', b'/tmp/m.gguf', p) == 0" > /dev/null 2>&1
+  MODEL=/tmp/m.gguf
+fi
 PORT=8089
 for si in $INTERVALS; do
   $PY -c "import sys, runpy; sys.setswitchinterval($si); sys.argv = ['cria', *sys.argv[1:]]; runpy.run_module('cria', run_name='__main__')" \
-    --model /tmp/m.gguf "${GPU[@]}" --gpu-layers $NGL --parallel "$STREAMS" --context-size 1024 \
+    --model "$MODEL" "${GPU[@]}" --gpu-layers $NGL --parallel "$STREAMS" --context-size ${CONTEXT:-1024} \
     --host 127.0.0.1 --port $PORT --log-level warning > "$OUT/server-$si.log" 2>&1 &
   SERVER=$!
   for i in $(seq 1 240); do

@@ -95,8 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(settings, spec, embedding_spec)
 
 
+# How long a Python thread may hold the GIL while another waits for it (Python's default: 5 ms).
+# The engine thread wants the GIL back after every llama_decode; with the default it can wait up
+# to 5 ms behind the event loop writing chunks, which caps short steps (small models, GPUs): 64
+# streams of a tiny model on 2 cores ran 3x faster at 0.5 ms (bench/switch_interval.sh,
+# bench/RESULTS.md); the bundled model at 8 and 16 streams was unchanged.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
     import uvicorn
+
+    sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
 
     from cria.api.app import create_app
     from cria.engine.engine import Engine, EngineConfig

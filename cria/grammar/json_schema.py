@@ -41,11 +41,13 @@ Deliberate simplifications, all stricter than the schema
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import re
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from typing import Any, Final, TypeAlias
 
@@ -119,6 +121,19 @@ _UNSUPPORTED: Final = {
 }
 _TYPES: Final = ("object", "array", "string", "number", "integer", "boolean", "null")
 _INT_DIGITS: Final = 16  # an unbounded integer part has at most this many digits
+
+# --- Limits -----------------------------------------------------------------------------------
+# llama.cpp's grammar sampler keeps one parse stack per way the text so far can be read; every
+# token of the vocabulary is checked against every stack. Branches of a union that match the
+# same text stay alive together, and when they are alive while a nested value is read, the
+# stacks of that value are tracked once per branch: the count multiplies level by level.
+_MAX_AMBIGUITY: Final = 64  # estimated parse stacks alive at once
+_MAX_NESTING: Final = 64  # objects and arrays inside one another, as compiled
+_MAX_EXPR_DEPTH: Final = 128  # subschemas inside one another (anyOf, $ref... included)
+_MAX_WORK: Final = 100_000  # subschemas compiled for one schema
+_MAX_GRAMMAR_BYTES: Final = 512 * 1024
+_MAX_RULES: Final = 10_000
+_MAX_GROUP_DEPTH: Final = 512  # parentheses inside one another in one rule
 
 # --- Shared rules -----------------------------------------------------------------------------
 
@@ -245,6 +260,198 @@ def _is_any(schema: Schema) -> bool:
     return schema is True or (isinstance(schema, dict) and all(k in _ANNOTATIONS for k in schema))
 
 
+# --- Shapes: what the ambiguity analysis knows of a compiled value ---------------------------
+#
+# Each expression the builder compiles for a JSON value gets a shape: a leaf (strings, numbers,
+# literals, the generic `value`...), an object or array (with the expressions of its members
+# or items), a union of branches, or a reference to a rule. Shapes are keyed by expression
+# text: equal texts are equal grammars.
+#
+# How a value begins is described by "heads": token sequences of its compact JSON text (one
+# character per token; a string or a number, wherever it is not a literal, is one marker token)
+# and how each ends: the value is complete (_CLOSED), or it goes on, either with content that
+# holds no ambiguity (_LIGHT), or into a nested value that does or may (_NEST), or it was cut
+# short (_TRUNC). Heads go into nested values only while those are unambiguous.
+
+_STR: Final = "<string>"
+_NUM: Final = "<number>"
+_NUM_CHARS: Final = frozenset("0123456789.eE+-")
+_CLOSED, _LIGHT, _NEST, _TRUNC = range(4)
+_Head: TypeAlias = tuple[tuple[str, ...], int]
+_HEAD_BUDGET: Final = 48  # tokens of a head
+_MAX_HEADS: Final = 32  # heads of one value (more are cut shorter)
+_MAX_HEAD_STATES: Final = 256  # partial heads while an object's or array's are enumerated
+_NONE, _ADDS, _MULTIPLIES = range(3)  # how two branches relate, see _relation
+
+
+@dataclasses.dataclass(eq=False)
+class _Leaf:
+    heads: frozenset[_Head]
+
+
+@dataclasses.dataclass(eq=False)
+class _Object:
+    members: list[tuple[str, str, bool]]  # (key as compact JSON, value expression, required)
+    extra: str | None  # value expression of other keys; None: no other key
+
+
+@dataclasses.dataclass(eq=False)
+class _Array:
+    prefix: list[str]  # expressions of the first items
+    item: str | None  # expression of the items after them; None: no more
+    low: int
+    high: int | None
+
+
+@dataclasses.dataclass(eq=False)
+class _Union:
+    branches: list[str]
+    keyword: str  # anyOf, oneOf, type
+    path: str
+
+
+@dataclasses.dataclass(eq=False)
+class _Ref:
+    body: str | None  # None while the rule is being built
+
+
+_Shape: TypeAlias = _Leaf | _Object | _Array | _Union | _Ref
+
+
+def _leaf(*texts: str | tuple[str, int]) -> _Leaf:
+    """A leaf whose heads are complete literal texts, or (text, end) pairs."""
+    heads = set()
+    for t in texts:
+        text, end = (t, _CLOSED) if isinstance(t, str) else t
+        heads.add(((text,) if text in (_STR, _NUM) else tuple(text), end))
+    return _Leaf(frozenset(heads))
+
+
+_STRING_LEAF: Final = _leaf(_STR)
+_NUMBER_LEAF: Final = _leaf(_NUM)
+_PRIM_SHAPES: Final[dict[str, _Shape]] = {
+    "string": _STRING_LEAF,
+    "integer": _NUMBER_LEAF,
+    "number": _NUMBER_LEAF,
+    "boolean": _leaf("true", "false"),
+    "null": _leaf("null"),
+    "object": _leaf(("{", _LIGHT)),
+    "array": _leaf(("[", _LIGHT)),
+    "value": _leaf(("{", _LIGHT), ("[", _LIGHT), _STR, _NUM, "true", "false", "null"),
+}
+_UNKNOWN_SHAPE: Final = _Leaf(frozenset({((), _TRUNC)}))
+
+
+def _children(shape: _Shape) -> list[str]:
+    if isinstance(shape, _Object):
+        values = [value for _, value, _ in shape.members]
+        return values + [shape.extra] if shape.extra is not None else values
+    if isinstance(shape, _Array):
+        return shape.prefix + [shape.item] if shape.item is not None else list(shape.prefix)
+    if isinstance(shape, _Union):
+        return list(shape.branches)
+    if isinstance(shape, _Ref):
+        return [shape.body] if shape.body is not None else []
+    return []
+
+
+def _coarsen(heads: set[_Head], cut: int) -> frozenset[_Head]:
+    """At most _MAX_HEADS heads: cut them shorter (ending with `cut`) until there are."""
+    if len(heads) <= _MAX_HEADS:
+        return frozenset(heads)
+    length = max(len(tokens) for tokens, _ in heads)
+    while True:
+        length -= 1
+        shorter = {(t[:length], cut if len(t) > length else end) for t, end in heads}
+        if len(shorter) <= _MAX_HEADS:
+            return frozenset(shorter)
+
+
+def _skip_leaf(marker: str, tokens: tuple[str, ...], j: int) -> int:
+    """Where a string or number that starts at tokens[j] ends: -1 when none starts there,
+    len(tokens) when it runs past the end."""
+    first = tokens[j]
+    if marker == _STR:
+        if first != '"':
+            return -1
+        k = j + 1
+        while k < len(tokens):
+            token = tokens[k]
+            if len(token) != 1:
+                return -1
+            if token == '"':
+                return k + 1
+            k += 2 if token == "\\" else 1
+        return len(tokens)
+    if first not in "-0123456789":
+        return -1
+    k = j + 1
+    while k < len(tokens) and tokens[k] in _NUM_CHARS:
+        k += 1
+    return k
+
+
+def _relation(a: _Head, b: _Head) -> int:
+    """_NONE: texts differ from their first character, so the two are never alive together;
+    _MULTIPLIES: both may be alive while each reads a nested value that is or may be ambiguous
+    (or is unknown): the parse stacks of the two add up level by level; _ADDS: otherwise (alive
+    together for a while, one of them only through unambiguous content)."""
+    (ta, ea), (tb, eb) = a, b
+    i = j = 0
+    while i < len(ta) and j < len(tb):
+        x, y = ta[i], tb[j]
+        if x == y:
+            i, j = i + 1, j + 1
+            continue
+        if len(x) > 1 and len(y) == 1:
+            k = _skip_leaf(x, tb, j)
+            if k >= 0:
+                i, j = i + 1, k
+                continue
+        elif len(y) > 1 and len(x) == 1:
+            k = _skip_leaf(y, ta, i)
+            if k >= 0:
+                i, j = k, j + 1
+                continue
+        return _NONE if i == 0 and j == 0 else _ADDS
+    return _MULTIPLIES if ea >= _NEST and eb >= _NEST else _ADDS
+
+
+def _sccs(root: str, children: Any) -> list[list[str]]:
+    """Strongly connected components of the graph reachable from `root`, each after those it
+    reaches (Tarjan's algorithm, without recursion)."""
+    index: dict[str, int] = {root: 0}
+    low: dict[str, int] = {root: 0}
+    stack, on_stack, out = [root], {root}, []
+    work = [(root, iter(children(root)))]
+    while work:
+        node, pending = work[-1]
+        for child in pending:
+            if child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(children(child))))
+                break
+            if child in on_stack:
+                low[node] = min(low[node], index[child])
+        else:
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                out.append(component)
+    return out
+
+
 # --- The builder ------------------------------------------------------------------------------
 
 
@@ -259,13 +466,33 @@ class GrammarBuilder:
         self._refs: dict[tuple[int, str], str] = {}  # (id(document), $ref) -> rule name
         self._documents: list[Schema] = []  # keeps ids in _refs valid
         self._doc: Schema = True
+        self._size = 0  # characters of the rules so far
+        # The ambiguity analysis (see "Shapes"): the shape of each value expression, the parse
+        # stacks each may need at once (once known), and heads already enumerated.
+        self._shapes: dict[str, _Shape] = {}
+        self._weights: dict[str, int] = {}
+        self._head_memo: dict[tuple[str, int], frozenset[_Head]] = {}
+        # Limits on the compilation: objects/arrays we are inside of, subschemas we are inside
+        # of, subschemas compiled for this schema, and the nesting where each $ref started.
+        self._nesting = 0
+        self._depth = 0
+        self._work = 0
+        self._ref_nesting: dict[str, int] = {}
 
     def schema_rule(self, schema: Schema, *, name: str = "value") -> str:
-        """Add the rules for one JSON value matching `schema`; return the rule to reference."""
+        """Add the rules for one JSON value matching `schema`; return the rule to reference.
+
+        Raises UnsupportedSchema ("... too ambiguous", "schema too large", "nesting too deep")
+        for schemas whose grammar would be too slow for llama.cpp's sampler or too big."""
         self._documents.append(schema)
         outer, self._doc = self._doc, schema
+        self._work = 0
         try:
-            return self._named(name, self._expr(schema, "", name))
+            rule = self._named(name, self._expr(schema, "", name))
+            self._analyze(rule)
+            return rule
+        except RecursionError:
+            raise UnsupportedSchema("nesting too deep", "the schema is nested too deeply") from None
         finally:
             self._doc = outer
 
@@ -273,19 +500,38 @@ class GrammarBuilder:
         """Add `name ::= body`; the name is sanitized and made unique (a rule with the same
         name and body is reused). Returns the name to reference."""
         unique = self._free_name(name, body)
-        self._rules[unique] = body
+        self._store(unique, body)
         return unique
 
     def render(self, root_body: str) -> str:
-        """The whole grammar: `root ::= root_body` and every rule added so far."""
+        """The whole grammar: `root ::= root_body` and every rule added so far. Raises
+        UnsupportedSchema when it is too large for llama.cpp's sampler."""
         lines = [f"root ::= {root_body}"]
         for name, body in self._rules.items():
             if body is None:
                 raise ValueError(f"rule {name} was never completed")
             lines.append(f"{name} ::= {body}")
-        return "\n".join(lines) + "\n"
+        grammar = "\n".join(lines) + "\n"
+        size = len(grammar.encode())
+        if size > _MAX_GRAMMAR_BYTES:
+            raise _too_large(f"its grammar would be {size} bytes, more than {_MAX_GRAMMAR_BYTES}")
+        if len(lines) > _MAX_RULES:
+            raise _too_large(f"its grammar would have {len(lines)} rules, more than {_MAX_RULES}")
+        if _group_depth(grammar) > _MAX_GROUP_DEPTH:
+            raise UnsupportedSchema(
+                "nesting too deep",
+                f"its grammar would nest parentheses more than {_MAX_GROUP_DEPTH} deep",
+            )
+        return grammar
 
     # -- helpers --
+
+    def _store(self, name: str, body: str) -> None:
+        if self._rules.get(name) is None:
+            self._size += len(name) + len(body) + 5
+            if self._size > _MAX_GRAMMAR_BYTES:
+                raise _too_large(f"its grammar would be more than {_MAX_GRAMMAR_BYTES} bytes")
+        self._rules[name] = body
 
     def _free_name(self, name: str, body: str | None) -> str:
         """`name` sanitized, with a suffix unless free (or holding `body` already)."""
@@ -301,18 +547,58 @@ class GrammarBuilder:
     def _prim(self, name: str) -> str:
         if name not in self._rules:
             body, deps = _PRIMITIVES[name]
-            self._rules[name] = body
+            self._store(name, body)
             for dep in deps:
                 self._prim(dep)
         return name
 
     def _named(self, name: str, expr: str) -> str:
-        return expr if _RULE_NAME.fullmatch(expr) else self.add_rule(name, expr)
+        if _RULE_NAME.fullmatch(expr):
+            return expr
+        rule = self.add_rule(name, expr)
+        self._shapes.setdefault(rule, _Ref(expr))
+        return rule
+
+    def _shaped(self, expr: str, shape: _Shape) -> str:
+        """`expr`, recording its shape (the first one recorded for a text stays)."""
+        self._shapes.setdefault(expr, shape)
+        return expr
+
+    @contextlib.contextmanager
+    def _nested(self, path: str) -> Iterator[None]:
+        """Around the compilation of the members or items of an object or array."""
+        if self._nesting >= _MAX_NESTING:
+            raise UnsupportedSchema(
+                "nesting too deep",
+                f"objects and arrays are nested more than {_MAX_NESTING} deep",
+                path=path,
+            )
+        self._nesting += 1
+        try:
+            yield
+        finally:
+            self._nesting -= 1
 
     # -- schemas --
 
     def _expr(self, schema: Schema, path: str, name: str) -> str:
         """A GBNF expression for one JSON value that matches `schema`."""
+        self._work += 1
+        if self._work > _MAX_WORK:
+            raise _too_large(f"it has more than {_MAX_WORK} subschemas to compile", path=path)
+        if self._depth >= _MAX_EXPR_DEPTH:
+            raise UnsupportedSchema(
+                "nesting too deep",
+                f"subschemas are nested more than {_MAX_EXPR_DEPTH} deep",
+                path=path,
+            )
+        self._depth += 1
+        try:
+            return self._subschema(schema, path, name)
+        finally:
+            self._depth -= 1
+
+    def _subschema(self, schema: Schema, path: str, name: str) -> str:
         if schema is True:
             return self._prim("value")
         if schema is False:
@@ -355,27 +641,45 @@ class GrammarBuilder:
             raise SchemaError(f"cannot check the enum values: {exc}", path=path) from None
         if not kept:
             raise SchemaError("no enum/const value satisfies the rest of the schema", path=path)
-        return _alts([literal(_compact_json(v, path)) for v in kept])
+        texts = [_compact_json(v, path) for v in kept]
+        return self._shaped(_alts([literal(t) for t in texts]), _leaf(*texts))
 
     def _ref(self, ref: Any, path: str) -> str:
         key = (id(self._doc), ref)
-        if key not in self._refs:
-            target, target_path = _resolve(self._doc, ref, path)
-            hint = target_path.rsplit(".", 1)[-1] or "root-ref"
-            name = self._free_name(hint, None)
-            self._rules[name] = None  # reserved: the target may refer to it
-            self._refs[key] = name
-            body = self._expr(target, target_path, name)
-            if body == name:
-                raise SchemaError("$ref refers only to itself", path=path)
-            self._rules[name] = body
-        return self._refs[key]
+        if key in self._refs:
+            name = self._refs[key]
+            if self._rules[name] is None and self._ref_nesting[name] == self._nesting:
+                # Back to a $ref being built, with no object or array in between: the rule
+                # would start with itself, which llama.cpp refuses (left recursion).
+                raise UnsupportedSchema(
+                    "recursive $ref without nesting",
+                    f"$ref {ref!r} refers to itself without an object or array in between",
+                    path=path,
+                )
+            return name
+        target, target_path = _resolve(self._doc, ref, path)
+        hint = target_path.rsplit(".", 1)[-1] or "root-ref"
+        name = self._free_name(hint, None)
+        self._rules[name] = None  # reserved: the target may refer to it
+        self._refs[key] = name
+        self._ref_nesting[name] = self._nesting
+        shape = _Ref(None)
+        self._shapes[name] = shape
+        body = self._expr(target, target_path, name)
+        if body == name:
+            raise SchemaError("$ref refers only to itself", path=path)
+        self._store(name, body)
+        shape.body = body
+        return name
 
     def _merge(self, parts: list[Schema], path: str) -> dict[str, Any]:
         """allOf: one schema equivalent to all of `parts` (refs and nested allOf inlined)."""
         flat: list[dict[str, Any]] = []
 
         def collect(part: Schema, where: str, inlining: frozenset[str]) -> None:
+            self._work += 1
+            if self._work > _MAX_WORK:
+                raise _too_large(f"it has more than {_MAX_WORK} subschemas to compile", path=where)
             if _is_any(part):
                 return
             if not isinstance(part, dict):
@@ -409,12 +713,84 @@ class GrammarBuilder:
         if not isinstance(branches, list) or not branches:
             raise SchemaError(f"{key} must be a non-empty array", path=path)
         rest = {k: v for k, v in schema.items() if k != key and k not in _ANNOTATIONS}
-        return _alts(
-            [
-                self._expr({"allOf": [rest, b]} if rest else b, _at(path, key, i), f"{name}-{i}")
-                for i, b in enumerate(branches)
+        indexed = [(i, {"allOf": [rest, b]} if rest else b) for i, b in enumerate(branches)]
+        indexed = self._merge_branches(indexed, path)
+        exprs = [self._expr(b, _at(path, key, i), f"{name}-{i}") for i, b in indexed]
+        unique = list(dict.fromkeys(exprs))
+        if len(unique) == 1:
+            return unique[0]
+        return self._shaped(_alts(unique), _Union(unique, key, path))
+
+    def _merge_branches(
+        self, branches: list[tuple[int, Schema]], path: str
+    ) -> list[tuple[int, Schema]]:
+        """Fewer branches matching the same values: equal ones once, and branches that differ
+        only in minItems/maxItems (or minLength/maxLength) whose ranges join up as one branch
+        with the joined range. Each kept branch keeps the index of its first one."""
+        seen: set[str] = set()
+        unique = []
+        for i, branch in branches:
+            text = _canonical(branch)
+            if text is None or text not in seen:
+                unique.append((i, branch))
+                if text is not None:
+                    seen.add(text)
+        for low_key, high_key in (("minItems", "maxItems"), ("minLength", "maxLength")):
+            if len(unique) < 2:
+                break
+            groups: dict[str, list[tuple[int, int, int | None, dict[str, Any]]]] = {}
+            for i, branch in unique:
+                flat = self._flat(branch, path)
+                if flat is None or "type" not in flat:  # the type must not be inferred
+                    continue
+                try:
+                    low = _count(flat, low_key, path) or 0
+                    high = _count(flat, high_key, path)
+                except SchemaError:
+                    continue
+                rest = {k: v for k, v in flat.items() if k not in (low_key, high_key)}
+                text = _canonical(rest)
+                if text is not None and (high is None or low <= high):
+                    groups.setdefault(text, []).append((i, low, high, rest))
+            replaced: dict[int, Schema | None] = {}  # index -> merged branch (None: dropped)
+            for members in groups.values():
+                members.sort(key=lambda m: m[1])
+                runs: list[tuple[list[int], int, int | None]] = []  # indices, low, high
+                for i, low, high, _ in members:
+                    if runs and (runs[-1][2] is None or low <= runs[-1][2] + 1):
+                        indices, run_low, run_high = runs[-1]
+                        joined = None if run_high is None or high is None else max(run_high, high)
+                        runs[-1] = (indices + [i], run_low, joined)
+                    else:
+                        runs.append(([i], low, high))
+                for indices, low, high in runs:
+                    if len(indices) < 2:
+                        continue
+                    merged = {**members[0][3], low_key: low}
+                    if high is not None:
+                        merged[high_key] = high
+                    first = min(indices)
+                    for i in indices:
+                        replaced[i] = merged if i == first else None
+            unique = [
+                (i, replaced[i]) if i in replaced else (i, b)
+                for i, b in unique
+                if replaced.get(i, True) is not None
             ]
-        )
+        return unique
+
+    def _flat(self, branch: Schema, path: str) -> dict[str, Any] | None:
+        """The branch as one schema without applicators, or None when it is not one."""
+        if not isinstance(branch, dict):
+            return None
+        if "$ref" in branch or "allOf" in branch:
+            try:
+                branch = self._merge([branch], path)
+            except SchemaError:
+                return None
+        if any(k in branch for k in ("anyOf", "oneOf", "$ref", "allOf")):
+            return None
+        return {k: v for k, v in branch.items() if k not in _ANNOTATIONS and not k.startswith("x-")}
 
     def _typed(self, schema: dict[str, Any], path: str, name: str) -> str:
         declared = schema.get("type")
@@ -446,7 +822,10 @@ class GrammarBuilder:
                 alternatives.append(self._number(schema, path, integer=t == "integer"))
             else:
                 alternatives.append(self._prim(t))
-        return _alts(alternatives)
+        unique = list(dict.fromkeys(alternatives))
+        if len(unique) == 1:
+            return unique[0]
+        return self._shaped(_alts(unique), _Union(unique, "type", path))
 
     def _object(self, schema: dict[str, Any], path: str, name: str) -> str:
         props = schema.get("properties", {})
@@ -464,36 +843,46 @@ class GrammarBuilder:
             return self._prim("object")
 
         members: list[tuple[str, str, bool]] = []  # (key, "key": value, required)
-        for key, sub in props.items():
-            if sub is False:
-                if key in required:
-                    raise SchemaError(f"required property {key!r} has schema false", path=path)
-                continue
-            where = _at(path, "properties", key)
-            value = self._named(f"{name}-{key}", self._expr(sub, where, f"{name}-{key}"))
-            members.append((key, self._member(_key_literal(key), value), key in required))
-        for key in required:
-            if key not in props:
-                if extra is False:
-                    raise SchemaError(
-                        f"required property {key!r} is not in properties, and "
-                        "additionalProperties is false",
-                        path=path,
+        shape = _Object([], None)
+        with self._nested(path):
+            for key, sub in props.items():
+                if sub is False:
+                    if key in required:
+                        raise SchemaError(
+                            f"required property {key!r} has schema false", path=path
+                        )
+                    continue
+                where = _at(path, "properties", key)
+                value = self._named(f"{name}-{key}", self._expr(sub, where, f"{name}-{key}"))
+                members.append((key, self._member(_key_literal(key), value), key in required))
+                shape.members.append((_json_key(key), value, key in required))
+            for key in required:
+                if key not in props:
+                    if extra is False:
+                        raise SchemaError(
+                            f"required property {key!r} is not in properties, and "
+                            "additionalProperties is false",
+                            path=path,
+                        )
+                    where = _at(path, "additionalProperties")
+                    value = self._named(
+                        f"{name}-{key}", self._expr(extra, where, f"{name}-{key}")
                     )
-                where = _at(path, "additionalProperties")
-                value = self._named(f"{name}-{key}", self._expr(extra, where, f"{name}-{key}"))
-                members.append((key, self._member(_key_literal(key), value), True))
+                    members.append((key, self._member(_key_literal(key), value), True))
+                    shape.members.append((_json_key(key), value, True))
 
-        extra_member = None
-        if extra is not False:
-            key_rule = self._key_not_in([k for k, _, _ in members] + list(props), name)
-            where = _at(path, "additionalProperties")
-            value = self._named(f"{name}-extra", self._expr(extra, where, f"{name}-extra"))
-            extra_member = self.add_rule(f"{name}-extra-kv", self._member(key_rule, value))
+            extra_member = None
+            if extra is not False:
+                key_rule = self._key_not_in([k for k, _, _ in members] + list(props), name)
+                where = _at(path, "additionalProperties")
+                value = self._named(f"{name}-extra", self._expr(extra, where, f"{name}-extra"))
+                extra_member = self.add_rule(f"{name}-extra-kv", self._member(key_rule, value))
+                shape.extra = value
         self._check_property_counts(
             schema, path, len(required), None if extra_member else len(members)
         )
-        return _seq('"{"', self._prim("space"), self._members(name, members, extra_member), '"}"')
+        expr = _seq('"{"', self._prim("space"), self._members(name, members, extra_member), '"}"')
+        return self._shaped(expr, shape)
 
     def _member(self, key: str, value: str) -> str:
         space = self._prim("space")
@@ -576,21 +965,27 @@ class GrammarBuilder:
 
         if high is not None:
             prefix = prefix[:high]
-        elements = [
-            self._named(f"{name}-{i}", self._expr(s, _at(path, "prefixItems", i), f"{name}-{i}"))
-            for i, s in enumerate(prefix)
-        ]
+        with self._nested(path):
+            elements = [
+                self._named(
+                    f"{name}-{i}", self._expr(s, _at(path, "prefixItems", i), f"{name}-{i}")
+                )
+                for i, s in enumerate(prefix)
+            ]
+            count = len(elements)
+            item = None
+            if items is False or (high is not None and high <= count):
+                if low > count:
+                    raise SchemaError("minItems is more than the items allowed", path=path)
+            else:
+                item = self._named(
+                    f"{name}-item", self._expr(items, _at(path, "items"), f"{name}-item")
+                )
         space = self._prim("space")
         comma = f'"," {space}'
-        count = len(elements)
-        if items is False or (high is not None and high <= count):
-            if low > count:
-                raise SchemaError("minItems is more than the items allowed", path=path)
+        if item is None:
             body = ""
         else:
-            item = self._named(
-                f"{name}-item", self._expr(items, _at(path, "items"), f"{name}-item")
-            )
             later = f"({comma} {item} {space})"
             if count:
                 body = _repeat(later, max(0, low - count), None if high is None else high - count)
@@ -602,7 +997,7 @@ class GrammarBuilder:
         for i in reversed(range(count)):
             part = _seq(comma if i else "", elements[i], space, body)
             body = part if i < low else f"({part})?"
-        return _seq('"["', space, body, '"]"')
+        return self._shaped(_seq('"["', space, body, '"]"'), _Array(elements, item, low, high))
 
     def _string(self, schema: dict[str, Any], path: str) -> str:
         fmt = schema.get("format")
@@ -624,7 +1019,7 @@ class GrammarBuilder:
                 raise UnsupportedSchema(
                     f"format: {fmt}", f"supported formats: {', '.join(_FORMATS)}", path=path
                 )
-            return _seq(quote, self._prim(fmt), quote)
+            return self._shaped(_seq(quote, self._prim(fmt), quote), _STRING_LEAF)
         if pattern is not None:
             if not isinstance(pattern, str):
                 raise SchemaError("pattern must be a string", path=path)
@@ -632,10 +1027,10 @@ class GrammarBuilder:
             body = translator.translate()
             if translator.unanchored:
                 self._prim("char")
-            return _seq(quote, body, quote)
+            return self._shaped(_seq(quote, body, quote), _STRING_LEAF)
         if not lengths:
             return self._prim("string")
-        return _seq(quote, _repeat(self._prim("char"), low, high), quote)
+        return self._shaped(_seq(quote, _repeat(self._prim("char"), low, high), quote), _STRING_LEAF)
 
     def _number(self, schema: dict[str, Any], path: str, *, integer: bool) -> str:
         low, high = _bounds(schema, path, integer=integer)
@@ -646,14 +1041,220 @@ class GrammarBuilder:
             hi_int = None if high is None else high[0] - (0 if high[1] else 1)
             if lo_int is not None and hi_int is not None and lo_int > hi_int:
                 raise SchemaError("no integer is within the bounds", path=path)
-            return _int_range(lo_int, hi_int)
+            return self._shaped(_int_range(lo_int, hi_int), _NUMBER_LEAF)
         expr = _number_range(low, high)
         if expr is None:
             raise SchemaError("no number is within the bounds", path=path)
-        return expr
+        return self._shaped(expr, _NUMBER_LEAF)
+
+
+    # -- ambiguity --
+
+    def _analyze(self, root: str) -> None:
+        """Estimate the parse stacks llama.cpp's sampler may keep at once for values of `root`
+        and raise UnsupportedSchema when there may be more than _MAX_AMBIGUITY, or when the
+        count grows with every level of a recursive schema.
+
+        Within a union, the branches that may be alive together while a nested value is read
+        add up their counts (_relation says which); everything else (members, items, branches
+        that are told apart before) takes the largest count. Values are visited bottom-up, a
+        recursive group of them together."""
+        for component in _sccs(root, self._children_of):
+            members = set(component)
+            weight = 1
+            for expr in component:
+                shape = self._shape(expr)
+                for child in _children(shape):
+                    if child not in members:
+                        weight = max(weight, self._weights[child])
+                if isinstance(shape, _Union):
+                    weight = max(weight, self._union_weight(shape, members))
+            for expr in component:
+                self._weights[expr] = weight
+            if len(component) > 1 or component[0] in self._children_of(component[0]):
+                self._head_memo.clear()  # heads that met these values as unknown are stale
+
+    def _shape(self, expr: str) -> _Shape:
+        return self._shapes.get(expr) or _PRIM_SHAPES.get(expr) or _UNKNOWN_SHAPE
+
+    def _children_of(self, expr: str) -> list[str]:
+        return _children(self._shape(expr))
+
+    def _union_weight(self, union: _Union, recursive: set[str]) -> int:
+        """The parse stacks a union needs: for each branch, its own and those of the branches
+        that may be alive with it while nested values are read; at least the number of
+        branches alive together at all. `recursive`: the values in a cycle with the union."""
+        heads = [self._heads(b, _HEAD_BUDGET) for b in union.branches]
+        best = 1
+        for i, branch in enumerate(union.branches):
+            total = 1 if branch in recursive else self._weights[branch]
+            alive = 1
+            for j, other in enumerate(union.branches):
+                if i == j:
+                    continue
+                relation = max(
+                    (_relation(a, b) for a in heads[i] for b in heads[j]), default=_NONE
+                )
+                if relation == _NONE:
+                    continue
+                alive += 1
+                if relation == _MULTIPLIES:
+                    if branch in recursive or other in recursive:
+                        raise UnsupportedSchema(
+                            f"{union.keyword}: too ambiguous",
+                            f"branches {min(i, j)} and {max(i, j)} can match the same text "
+                            "into a nested value that leads back to this schema, so the "
+                            "alternatives a grammar sampler must track multiply with every "
+                            "level of nesting; make the branches differ early (e.g. by a "
+                            "first property with a distinct const value)",
+                            path=union.path,
+                        )
+                    total += self._weights[other]
+            best = max(best, total, alive)
+        if best > _MAX_AMBIGUITY:
+            raise UnsupportedSchema(
+                f"{union.keyword}: too ambiguous",
+                f"its branches, and the unions nested in them, can match the same text in so "
+                f"many ways that a grammar sampler would track about {best} alternatives at "
+                f"once (the limit is {_MAX_AMBIGUITY}); make the branches differ early (e.g. "
+                f"by a first property with a distinct const value) or nest fewer such unions",
+                path=union.path,
+            )
+        return best
+
+    def _heads(self, expr: str, budget: int) -> frozenset[_Head]:
+        """How a value of `expr` may begin, in at most `budget` tokens (see "Shapes")."""
+        if budget <= 0:
+            return frozenset({((), _TRUNC)})
+        key = (expr, budget)
+        memo = self._head_memo.get(key)
+        if memo is not None:
+            return memo
+        self._head_memo[key] = frozenset({((), _TRUNC)})  # in case a cycle comes back here
+        shape = self._shape(expr)
+        result: frozenset[_Head]
+        if isinstance(shape, _Leaf):
+            result = _coarsen(
+                {(t[:budget], _LIGHT if len(t) > budget else end) for t, end in shape.heads},
+                _LIGHT,
+            )
+        elif isinstance(shape, _Ref):
+            result = self._heads(shape.body, budget) if shape.body else _UNKNOWN_SHAPE.heads
+        elif isinstance(shape, _Union):
+            result = _coarsen(
+                {h for b in shape.branches for h in self._heads(b, budget)}, self._cut(expr)
+            )
+        else:
+            result = self._container_heads(expr, shape, budget)
+        self._head_memo[key] = result
+        return result
+
+    def _cut(self, expr: str) -> int:
+        """How a head of `expr` ends where it is cut short."""
+        return _LIGHT if self._weights.get(expr) == 1 else _TRUNC
+
+    def _child_heads(self, expr: str, budget: int) -> frozenset[_Head]:
+        """Heads of a member or item: followed only when it holds no ambiguity."""
+        if budget <= 0:
+            return frozenset({((), _TRUNC)})
+        if self._weights.get(expr) != 1:
+            return frozenset({((), _NEST)})
+        return self._heads(expr, budget)
+
+    def _container_heads(
+        self, expr: str, shape: _Object | _Array, budget: int
+    ) -> frozenset[_Head]:
+        """Heads of an object (members in order, optional ones left out, then other keys) or
+        of an array, enumerated up to `budget` tokens."""
+        cut = self._cut(expr)
+        done: set[_Head] = set()
+        # (tokens so far, next member / item index)
+        opening = "{" if isinstance(shape, _Object) else "["
+        pending: list[tuple[tuple[str, ...], int]] = [((opening,), 0)]
+        while pending:
+            if len(pending) + len(done) > _MAX_HEAD_STATES:
+                return self._container_heads(expr, shape, budget // 2)
+            tokens, index = pending.pop()
+            if len(tokens) >= budget:
+                done.add((tokens[:budget], cut))
+                continue
+            sep = (",",) if index else ()
+            choices: list[tuple[tuple[str, ...], str]] = []  # (tokens before a value, value)
+            if isinstance(shape, _Object):
+                members = shape.members
+                can_close = True
+                for j in range(index, len(members)):
+                    key, value, required = members[j]
+                    choices.append((tokens + sep + tuple(key) + (":",), value))
+                    if required:
+                        can_close = False
+                        break
+                if can_close:
+                    done.add((tokens + ("}",), _CLOSED))
+                    if shape.extra is not None:
+                        done.add((tokens + sep + ('"',), cut))
+                nexts = [j + 1 for j in range(index, index + len(choices))]
+            else:
+                if index >= shape.low:
+                    done.add((tokens + ("]",), _CLOSED))
+                value = (
+                    shape.prefix[index]
+                    if index < len(shape.prefix)
+                    else shape.item
+                    if shape.high is None or index < shape.high
+                    else None
+                )
+                if value is not None:
+                    choices.append((tokens + sep, value))
+                nexts = [index + 1]
+            for (before, value), after in zip(choices, nexts, strict=True):
+                for value_tokens, end in self._child_heads(value, budget - len(before)):
+                    head = before + value_tokens
+                    if end != _CLOSED:
+                        # a value with no ambiguity inside holds none; else LIGHT is not known
+                        done.add((head[:budget], cut if cut == _LIGHT or end == _LIGHT else end))
+                    else:
+                        pending.append((head, after))
+        return _coarsen(done, cut)
 
 
 # --- Schema-level helpers ---------------------------------------------------------------------
+def _too_large(reason: str, *, path: str = "") -> UnsupportedSchema:
+    return UnsupportedSchema(
+        "schema too large", f"the schema is too large for a grammar: {reason}", path=path
+    )
+
+
+def _canonical(value: Any) -> str | None:
+    """A text equal for equal JSON values (None for what is not JSON)."""
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _json_key(key: str) -> str:
+    return json.dumps(key, ensure_ascii=False)
+
+
+def _group_depth(grammar: str) -> int:
+    """How deep parentheses nest in a GBNF text (literals and classes skipped)."""
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        ch = grammar[i]
+        if ch in "\"[":
+            close = '"' if ch == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+        i += 1
+    return deepest
 
 
 def _check_keywords(schema: dict[str, Any], path: str, *, only_unknown: bool = False) -> None:

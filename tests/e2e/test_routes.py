@@ -89,7 +89,8 @@ def test_completion_streaming_with_usage(server: Server) -> None:
     assert [c["choices"][0]["finish_reason"] for c in text_chunks][-1] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in text_chunks[:-1])
     streamed = "".join(c["choices"][0]["text"] for c in text_chunks)
-    plain = httpx.post(server.v1 + "/completions", json={**body, "stream": False}, timeout=60).json()
+    plain_body = {k: v for k, v in body.items() if k != "stream_options"}  # only with stream
+    plain = httpx.post(server.v1 + "/completions", json={**plain_body, "stream": False}, timeout=60).json()
     assert streamed == plain["choices"][0]["text"]
 
 
