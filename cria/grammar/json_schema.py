@@ -1179,13 +1179,14 @@ class GrammarBuilder:
                 done.add((tokens[:budget], cut))
                 continue
             sep = (",",) if index else ()
-            choices: list[tuple[tuple[str, ...], str]] = []  # (tokens before a value, value)
+            # (tokens before a value, the value, the index after it)
+            choices: list[tuple[tuple[str, ...], str, int]] = []
             if isinstance(shape, _Object):
                 members = shape.members
                 can_close = True
                 for j in range(index, len(members)):
                     key, value, required = members[j]
-                    choices.append((tokens + sep + tuple(key) + (":",), value))
+                    choices.append((tokens + sep + tuple(key) + (":",), value, j + 1))
                     if required:
                         can_close = False
                         break
@@ -1193,7 +1194,6 @@ class GrammarBuilder:
                     done.add((tokens + ("}",), _CLOSED))
                     if shape.extra is not None:
                         done.add((tokens + sep + ('"',), cut))
-                nexts = [j + 1 for j in range(index, index + len(choices))]
             else:
                 if index >= shape.low:
                     done.add((tokens + ("]",), _CLOSED))
@@ -1205,9 +1205,8 @@ class GrammarBuilder:
                     else None
                 )
                 if value is not None:
-                    choices.append((tokens + sep, value))
-                nexts = [index + 1]
-            for (before, value), after in zip(choices, nexts, strict=True):
+                    choices.append((tokens + sep, value, index + 1))
+            for before, value, after in choices:
                 for value_tokens, end in self._child_heads(value, budget - len(before)):
                     head = before + value_tokens
                     if end != _CLOSED:
