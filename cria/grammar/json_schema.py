@@ -37,6 +37,29 @@ Deliberate simplifications, all stricter than the schema
 * Numbers with bounds have no exponent; bounds on `number` must be integers.
 * Formats follow RFC 3339 (`time` needs an offset, leap seconds excluded); `date` checks
   month lengths and leap years.
+
+Limits
+------
+llama.cpp's sampler keeps one parse stack per way of reading the text so far and checks every
+token of the vocabulary against every stack, so a small grammar can still be slow to sample.
+Branches of a union that match the same text stay alive together, and while they read a nested
+value each keeps that value's stacks: nested such unions multiply them. So `anyOf` / `oneOf`
+branches are first merged where that is exact (equal ones; ones differing only in minItems /
+maxItems or minLength / maxLength whose ranges join up), then these raise UnsupportedSchema:
+
+* "anyOf: too ambiguous" ("oneOf: ...", "type: ..."): more than _MAX_AMBIGUITY (64) stacks at
+  once by the estimate of `GrammarBuilder._analyze`, or branches that may both be alive when
+  they lead back to the union through a recursive $ref (the count would grow with every level).
+  Branches told apart before any nested ambiguity (by their first character, as object, array,
+  string and null are, or by a first property with distinct const values) cost nothing extra,
+  recursive or not; a union of a few object types costs a few stacks.
+* "recursive $ref without nesting": a $ref that comes back to itself before any object or array
+  (left recursion, which llama.cpp refuses).
+* "nesting too deep": objects and arrays more than 64 deep, subschemas more than 128 deep.
+* "schema too large": a grammar over 512 KiB or 10,000 rules, or one llama.cpp's parser would
+  refuse (a repeated group that makes more than 2000 rules, see `_check_repetitions`).
+* "minLength above 2000" (maxLength, minItems, maxItems, "pattern: quantifier above 2000"):
+  llama.cpp enforces repetition counts up to 2000 (it would drop a larger upper bound).
 """
 
 from __future__ import annotations
@@ -134,6 +157,11 @@ _MAX_WORK: Final = 100_000  # subschemas compiled for one schema
 _MAX_GRAMMAR_BYTES: Final = 512 * 1024
 _MAX_RULES: Final = 10_000
 _MAX_GROUP_DEPTH: Final = 512  # parentheses inside one another in one rule
+# llama.cpp's MAX_REPETITION_THRESHOLD: its parser refuses a count above it in x{m,n} (it
+# silently drops an upper bound above it) and refuses to repeat a group that makes more than
+# this many rules, times the count (see _check_repetitions).
+_MAX_REPEAT: Final = 2000
+_BIG_REPEAT: Final = 64  # a longer optional repetition gets a rule of its own
 
 # --- Shared rules -----------------------------------------------------------------------------
 
@@ -282,6 +310,7 @@ _HEAD_BUDGET: Final = 48  # tokens of a head
 _MAX_HEADS: Final = 32  # heads of one value (more are cut shorter)
 _MAX_HEAD_STATES: Final = 256  # partial heads while an object's or array's are enumerated
 _NONE, _ADDS, _MULTIPLIES = range(3)  # how two branches relate, see _relation
+_MAX_COMPARISONS: Final = 100_000  # pairs of heads compared for one union
 
 
 @dataclasses.dataclass(eq=False)
@@ -345,9 +374,9 @@ _UNKNOWN_SHAPE: Final = _Leaf(frozenset({((), _TRUNC)}))
 def _children(shape: _Shape) -> list[str]:
     if isinstance(shape, _Object):
         values = [value for _, value, _ in shape.members]
-        return values + [shape.extra] if shape.extra is not None else values
+        return [*values, shape.extra] if shape.extra is not None else values
     if isinstance(shape, _Array):
-        return shape.prefix + [shape.item] if shape.item is not None else list(shape.prefix)
+        return [*shape.prefix, shape.item] if shape.item is not None else list(shape.prefix)
     if isinstance(shape, _Union):
         return list(shape.branches)
     if isinstance(shape, _Ref):
@@ -392,29 +421,67 @@ def _skip_leaf(marker: str, tokens: tuple[str, ...], j: int) -> int:
 
 
 def _relation(a: _Head, b: _Head) -> int:
-    """_NONE: texts differ from their first character, so the two are never alive together;
-    _MULTIPLIES: both may be alive while each reads a nested value that is or may be ambiguous
-    (or is unknown): the parse stacks of the two add up level by level; _ADDS: otherwise (alive
-    together for a while, one of them only through unambiguous content)."""
+    """How two heads of different branches relate. _NONE: they part within literal text (a
+    few characters at most with both alive); _MULTIPLIES: both may be alive while each reads
+    a nested value that is or may be ambiguous (or is unknown), so that the parse stacks of
+    both are kept, level after level; _ADDS: otherwise (alive together through a string, a
+    number or other content without ambiguity, which costs one more stack meanwhile)."""
     (ta, ea), (tb, eb) = a, b
     i = j = 0
+    variable = False  # a string or number was read with both alive
     while i < len(ta) and j < len(tb):
         x, y = ta[i], tb[j]
         if x == y:
+            variable = variable or len(x) > 1
             i, j = i + 1, j + 1
             continue
         if len(x) > 1 and len(y) == 1:
             k = _skip_leaf(x, tb, j)
             if k >= 0:
-                i, j = i + 1, k
+                i, j, variable = i + 1, k, True
                 continue
         elif len(y) > 1 and len(x) == 1:
             k = _skip_leaf(y, ta, i)
             if k >= 0:
-                i, j = k, j + 1
+                i, j, variable = k, j + 1, True
                 continue
-        return _NONE if i == 0 and j == 0 else _ADDS
-    return _MULTIPLIES if ea >= _NEST and eb >= _NEST else _ADDS
+        return _ADDS if variable else _NONE
+    if ea >= _NEST and eb >= _NEST:
+        return _MULTIPLIES
+    return _NONE if not variable and _CLOSED in (ea, eb) else _ADDS
+
+
+def _relations(heads: list[frozenset[_Head]]) -> dict[tuple[int, int], int]:
+    """The strongest _relation between heads of each two branches (i < j; absent: _NONE).
+
+    Only heads whose literal starts (up to a first string or number marker) are one a prefix
+    of the other can relate; sorted, those are found along a stack. Past _MAX_COMPARISONS,
+    pairs are taken to multiply."""
+    entries = []
+    for i, branch_heads in enumerate(heads):
+        for head in branch_heads:
+            tokens = head[0]
+            end = next((k for k, t in enumerate(tokens) if len(t) > 1), len(tokens))
+            entries.append(("".join(tokens[:end]), i, head))
+    entries.sort(key=lambda e: e[0])
+    out: dict[tuple[int, int], int] = {}
+    stack: list[tuple[str, int, _Head]] = []
+    comparisons = 0
+    for start, i, head in entries:
+        while stack and not start.startswith(stack[-1][0]):
+            stack.pop()
+        for _, j, other in stack:
+            if i == j:
+                continue
+            pair = (min(i, j), max(i, j))
+            if out.get(pair) == _MULTIPLIES:
+                continue
+            comparisons += 1
+            found = _relation(head, other) if comparisons <= _MAX_COMPARISONS else _MULTIPLIES
+            if found > out.get(pair, _NONE):
+                out[pair] = found
+        stack.append((start, i, head))
+    return out
 
 
 def _sccs(root: str, children: Any) -> list[list[str]]:
@@ -478,6 +545,7 @@ class GrammarBuilder:
         self._depth = 0
         self._work = 0
         self._ref_nesting: dict[str, int] = {}
+        self._inlining: dict[tuple[int, str], int] = {}  # $ref being inlined -> its nesting
 
     def schema_rule(self, schema: Schema, *, name: str = "value") -> str:
         """Add the rules for one JSON value matching `schema`; return the rule to reference.
@@ -522,6 +590,7 @@ class GrammarBuilder:
                 "nesting too deep",
                 f"its grammar would nest parentheses more than {_MAX_GROUP_DEPTH} deep",
             )
+        _check_repetitions(grammar)
         return grammar
 
     # -- helpers --
@@ -614,9 +683,9 @@ class GrammarBuilder:
         if "$ref" in schema:
             if len(constraints) == 1:
                 return self._ref(schema["$ref"], path)
-            return self._expr(self._merge([schema], path), path, name)
+            return self._merged(schema, path, name)
         if "allOf" in schema:
-            return self._expr(self._merge([schema], path), path, name)
+            return self._merged(schema, path, name)
         if "anyOf" in schema and "oneOf" in schema:
             raise UnsupportedSchema("anyOf with oneOf", "use one of anyOf / oneOf", path=path)
         for key in ("anyOf", "oneOf"):
@@ -665,15 +734,41 @@ class GrammarBuilder:
         self._ref_nesting[name] = self._nesting
         shape = _Ref(None)
         self._shapes[name] = shape
-        body = self._expr(target, target_path, name)
-        if body == name:
-            raise SchemaError("$ref refers only to itself", path=path)
+        body = self._expr(target, target_path, name)  # never `name` alone: see above
         self._store(name, body)
         shape.body = body
         return name
 
-    def _merge(self, parts: list[Schema], path: str) -> dict[str, Any]:
-        """allOf: one schema equivalent to all of `parts` (refs and nested allOf inlined)."""
+    def _merged(self, schema: dict[str, Any], path: str, name: str) -> str:
+        """A schema with allOf, or $ref with other keywords, compiled as one merged schema.
+        A $ref that comes back while its target is being inlined, with no object or array in
+        between, would be inlined forever (left recursion): refused."""
+        refs: list[str] = []
+        merged = self._merge([schema], path, refs)
+        keys = [(id(self._doc), ref) for ref in refs]
+        for key in keys:
+            if self._inlining.get(key) == self._nesting:
+                raise UnsupportedSchema(
+                    "recursive $ref without nesting",
+                    f"$ref {key[1]!r} refers to itself without an object or array in between",
+                    path=path,
+                )
+        outer = {key: self._inlining.get(key) for key in keys}
+        self._inlining.update(dict.fromkeys(keys, self._nesting))
+        try:
+            return self._expr(merged, path, name)
+        finally:
+            for key, level in outer.items():
+                if level is None:
+                    self._inlining.pop(key, None)
+                else:
+                    self._inlining[key] = level
+
+    def _merge(
+        self, parts: list[Schema], path: str, refs: list[str] | None = None
+    ) -> dict[str, Any]:
+        """allOf: one schema equivalent to all of `parts` (refs and nested allOf inlined; the
+        refs followed are added to `refs`)."""
         flat: list[dict[str, Any]] = []
 
         def collect(part: Schema, where: str, inlining: frozenset[str]) -> None:
@@ -694,6 +789,8 @@ class GrammarBuilder:
                         "recursive allOf", "allOf includes the schema itself", path=where
                     )
                 target, target_path = _resolve(self._doc, ref, where)
+                if refs is not None:
+                    refs.append(ref)
                 collect(target, target_path, inlining | {ref})
             if "allOf" in part:
                 subschemas = part["allOf"]
@@ -752,7 +849,8 @@ class GrammarBuilder:
                 text = _canonical(rest)
                 if text is not None and (high is None or low <= high):
                     groups.setdefault(text, []).append((i, low, high, rest))
-            replaced: dict[int, Schema | None] = {}  # index -> merged branch (None: dropped)
+            merged_at: dict[int, Schema] = {}  # index of a run's first branch -> the run
+            dropped: set[int] = set()  # the run's other branches
             for members in groups.values():
                 members.sort(key=lambda m: m[1])
                 runs: list[tuple[list[int], int, int | None]] = []  # indices, low, high
@@ -760,7 +858,7 @@ class GrammarBuilder:
                     if runs and (runs[-1][2] is None or low <= runs[-1][2] + 1):
                         indices, run_low, run_high = runs[-1]
                         joined = None if run_high is None or high is None else max(run_high, high)
-                        runs[-1] = (indices + [i], run_low, joined)
+                        runs[-1] = ([*indices, i], run_low, joined)
                     else:
                         runs.append(([i], low, high))
                 for indices, low, high in runs:
@@ -770,13 +868,9 @@ class GrammarBuilder:
                     if high is not None:
                         merged[high_key] = high
                     first = min(indices)
-                    for i in indices:
-                        replaced[i] = merged if i == first else None
-            unique = [
-                (i, replaced[i]) if i in replaced else (i, b)
-                for i, b in unique
-                if replaced.get(i, True) is not None
-            ]
+                    merged_at[first] = merged
+                    dropped.update(i for i in indices if i != first)
+            unique = [(i, merged_at.get(i, b)) for i, b in unique if i not in dropped]
         return unique
 
     def _flat(self, branch: Schema, path: str) -> dict[str, Any] | None:
@@ -848,9 +942,7 @@ class GrammarBuilder:
             for key, sub in props.items():
                 if sub is False:
                     if key in required:
-                        raise SchemaError(
-                            f"required property {key!r} has schema false", path=path
-                        )
+                        raise SchemaError(f"required property {key!r} has schema false", path=path)
                     continue
                 where = _at(path, "properties", key)
                 value = self._named(f"{name}-{key}", self._expr(sub, where, f"{name}-{key}"))
@@ -865,9 +957,7 @@ class GrammarBuilder:
                             path=path,
                         )
                     where = _at(path, "additionalProperties")
-                    value = self._named(
-                        f"{name}-{key}", self._expr(extra, where, f"{name}-{key}")
-                    )
+                    value = self._named(f"{name}-{key}", self._expr(extra, where, f"{name}-{key}"))
                     members.append((key, self._member(_key_literal(key), value), True))
                     shape.members.append((_json_key(key), value, True))
 
@@ -920,15 +1010,23 @@ class GrammarBuilder:
             node[""] = {}  # a key ends here
         key_char = self._prim("key-char")
 
-        def expr(node: dict[str, Any]) -> str:
+        def expr(node: dict[str, Any]) -> tuple[str, int]:
+            """The GBNF of a trie node, and how many nodes it spells out."""
             chars = sorted(c for c in node if c and not _contains(_JSON_SPECIAL, ord(c)))
-            alts = [_seq(literal(c), expr(node[c])) for c in chars]
+            alts, size = [], 1
+            for c in chars:
+                sub, sub_size = expr(node[c])
+                alts.append(_seq(literal(c), sub))
+                size += sub_size
             others = _complement(_union(_JSON_SPECIAL, [(ord(c), ord(c)) for c in chars]))
             alts.append(f"{_char_class(others)} {key_char}*")
             body = "(" + " | ".join(alts) + ")"
-            return body if "" in node else body + "?"
+            body = body if "" in node else body + "?"
+            if size > _BIG_REPEAT:  # keep llama.cpp's rules per repeated group low
+                return self.add_rule(f"{name}-extra-key", body), 1
+            return body, size
 
-        return self.add_rule(f"{name}-extra-key", f'"\\"" {expr(trie)} "\\""')
+        return self.add_rule(f"{name}-extra-key", f'"\\"" {expr(trie)[0]} "\\""')
 
     @staticmethod
     def _check_property_counts(
@@ -960,6 +1058,9 @@ class GrammarBuilder:
             raise SchemaError("minItems is greater than maxItems", path=path)
         if schema.get("uniqueItems", False) is not False and (high is None or high > 1):
             raise UnsupportedSchema("uniqueItems", "a grammar cannot keep items unique", path=path)
+        for keyword, bound in (("minItems", low), ("maxItems", high)):
+            if bound is not None and bound > _MAX_REPEAT:
+                raise _too_many(keyword, path)
         if not prefix and _is_any(items) and low == 0 and high is None:
             return self._prim("array")
 
@@ -987,12 +1088,17 @@ class GrammarBuilder:
             body = ""
         else:
             later = f"({comma} {item} {space})"
+            at_least = max(0, low - max(count, 1))
+            at_most = None if high is None else high - max(count, 1)
+            more = _repeat(later, at_least, at_most)
+            if at_most is not None and at_most - at_least > _BIG_REPEAT:
+                # llama.cpp makes a rule per optional repetition; a group around that many
+                # would pass its limit (see _check_repetitions), a rule reference does not
+                more = self.add_rule(f"{name}-more", more)
             if count:
-                body = _repeat(later, max(0, low - count), None if high is None else high - count)
+                body = more
             else:
-                body = _seq(
-                    item, space, _repeat(later, max(0, low - 1), None if high is None else high - 1)
-                )
+                body = _seq(item, space, more)
                 body = body if low else f"({body})?"
         for i in reversed(range(count)):
             part = _seq(comma if i else "", elements[i], space, body)
@@ -1006,6 +1112,9 @@ class GrammarBuilder:
         high = _count(schema, "maxLength", path)
         if high is not None and low > high:
             raise SchemaError("minLength is greater than maxLength", path=path)
+        for keyword, count in (("minLength", low), ("maxLength", high)):
+            if count is not None and count > _MAX_REPEAT:
+                raise _too_many(keyword, path)
         lengths = low > 0 or high is not None
         if sum((fmt is not None, pattern is not None, lengths)) > 1:
             raise UnsupportedSchema(
@@ -1030,7 +1139,9 @@ class GrammarBuilder:
             return self._shaped(_seq(quote, body, quote), _STRING_LEAF)
         if not lengths:
             return self._prim("string")
-        return self._shaped(_seq(quote, _repeat(self._prim("char"), low, high), quote), _STRING_LEAF)
+        return self._shaped(
+            _seq(quote, _repeat(self._prim("char"), low, high), quote), _STRING_LEAF
+        )
 
     def _number(self, schema: dict[str, Any], path: str, *, integer: bool) -> str:
         low, high = _bounds(schema, path, integer=integer)
@@ -1046,7 +1157,6 @@ class GrammarBuilder:
         if expr is None:
             raise SchemaError("no number is within the bounds", path=path)
         return self._shaped(expr, _NUMBER_LEAF)
-
 
     # -- ambiguity --
 
@@ -1084,18 +1194,14 @@ class GrammarBuilder:
         """The parse stacks a union needs: for each branch, its own and those of the branches
         that may be alive with it while nested values are read; at least the number of
         branches alive together at all. `recursive`: the values in a cycle with the union."""
-        heads = [self._heads(b, _HEAD_BUDGET) for b in union.branches]
+        relations = _relations([self._heads(b, _HEAD_BUDGET) for b in union.branches])
         best = 1
         for i, branch in enumerate(union.branches):
             total = 1 if branch in recursive else self._weights[branch]
             alive = 1
             for j, other in enumerate(union.branches):
-                if i == j:
-                    continue
-                relation = max(
-                    (_relation(a, b) for a in heads[i] for b in heads[j]), default=_NONE
-                )
-                if relation == _NONE:
+                relation = relations.get((min(i, j), max(i, j)), _NONE)
+                if i == j or relation == _NONE:
                     continue
                 alive += 1
                 if relation == _MULTIPLIES:
@@ -1161,9 +1267,7 @@ class GrammarBuilder:
             return frozenset({((), _NEST)})
         return self._heads(expr, budget)
 
-    def _container_heads(
-        self, expr: str, shape: _Object | _Array, budget: int
-    ) -> frozenset[_Head]:
+    def _container_heads(self, expr: str, shape: _Object | _Array, budget: int) -> frozenset[_Head]:
         """Heads of an object (members in order, optional ones left out, then other keys) or
         of an array, enumerated up to `budget` tokens."""
         cut = self._cut(expr)
@@ -1191,26 +1295,26 @@ class GrammarBuilder:
                         can_close = False
                         break
                 if can_close:
-                    done.add((tokens + ("}",), _CLOSED))
+                    done.add(((*tokens, "}"), _CLOSED))
                     if shape.extra is not None:
                         done.add((tokens + sep + ('"',), cut))
             else:
                 if index >= shape.low:
-                    done.add((tokens + ("]",), _CLOSED))
-                value = (
+                    done.add(((*tokens, "]"), _CLOSED))
+                element = (
                     shape.prefix[index]
                     if index < len(shape.prefix)
                     else shape.item
                     if shape.high is None or index < shape.high
                     else None
                 )
-                if value is not None:
-                    choices.append((tokens + sep, value, index + 1))
+                if element is not None:
+                    choices.append((tokens + sep, element, index + 1))
             for before, value, after in choices:
                 for value_tokens, end in self._child_heads(value, budget - len(before)):
                     head = before + value_tokens
                     if end != _CLOSED:
-                        # a value with no ambiguity inside holds none; else LIGHT is not known
+                        # what follows in this value is unambiguous only if the value is
                         done.add((head[:budget], cut if cut == _LIGHT or end == _LIGHT else end))
                     else:
                         pending.append((head, after))
@@ -1218,42 +1322,6 @@ class GrammarBuilder:
 
 
 # --- Schema-level helpers ---------------------------------------------------------------------
-def _too_large(reason: str, *, path: str = "") -> UnsupportedSchema:
-    return UnsupportedSchema(
-        "schema too large", f"the schema is too large for a grammar: {reason}", path=path
-    )
-
-
-def _canonical(value: Any) -> str | None:
-    """A text equal for equal JSON values (None for what is not JSON)."""
-    try:
-        return json.dumps(value, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
-        return None
-
-
-def _json_key(key: str) -> str:
-    return json.dumps(key, ensure_ascii=False)
-
-
-def _group_depth(grammar: str) -> int:
-    """How deep parentheses nest in a GBNF text (literals and classes skipped)."""
-    depth = deepest = 0
-    i, n = 0, len(grammar)
-    while i < n:
-        ch = grammar[i]
-        if ch in "\"[":
-            close = '"' if ch == '"' else "]"
-            i += 1
-            while i < n and grammar[i] != close:
-                i += 2 if grammar[i] == "\\" else 1
-        elif ch == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch == ")":
-            depth -= 1
-        i += 1
-    return deepest
 
 
 def _check_keywords(schema: dict[str, Any], path: str, *, only_unknown: bool = False) -> None:
@@ -1285,6 +1353,100 @@ def _normalize_unevaluated(schema: dict[str, Any], path: str) -> dict[str, Any]:
     if "unevaluatedItems" in out:
         out.setdefault("items", out.pop("unevaluatedItems"))
     return out
+
+
+def _too_large(reason: str, *, path: str = "") -> UnsupportedSchema:
+    return UnsupportedSchema(
+        "schema too large", f"the schema is too large for a grammar: {reason}", path=path
+    )
+
+
+def _too_many(keyword: str, path: str) -> UnsupportedSchema:
+    return UnsupportedSchema(
+        f"{keyword} above {_MAX_REPEAT}",
+        f"llama.cpp's grammar sampler enforces counts up to {_MAX_REPEAT}",
+        path=path,
+    )
+
+
+_GBNF_TOKEN = re.compile(
+    r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[a-zA-Z0-9-]+|\{(\d+)(,(\d*))?\}|[()|*+?]'
+)
+
+
+def _check_repetitions(grammar: str) -> None:
+    """Raise UnsupportedSchema where llama.cpp's grammar parser would fail or drop a bound:
+    it rewrites x{m,n} into rules (one per optional repetition), refuses m above
+    _MAX_REPEAT, turns n above it into no bound, and refuses to repeat an item when the rules
+    that item made (a group: every rule first named or made inside it), times the count,
+    exceed _MAX_REPEAT. This follows its parser over the text, one token at a time."""
+    named: set[str] = set()
+    made = 0  # rules made for groups and repetitions
+    for line in grammar.splitlines():
+        name, _, body = line.partition(" ::= ")
+        named.add(name)
+        opened: list[int] = []  # rules so far, at each open group
+        item_rules = 1  # rules the latest item stands for (llama.cpp's n_prev_rules)
+        for token in _GBNF_TOKEN.finditer(body):
+            text = token[0]
+            if text == "(":
+                opened.append(len(named) + made)
+                made += 1
+            elif text == ")":
+                item_rules = max(1, len(named) + made - opened.pop())
+            elif text in "*+?" or text[0] == "{":
+                if text[0] == "{":
+                    low = int(token[1])
+                    high = low if token[2] is None else int(token[3]) if token[3] else None
+                else:
+                    low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}[text]
+                if low > _MAX_REPEAT or (high is not None and high > _MAX_REPEAT):
+                    raise _too_large(f"its grammar would repeat {text}, more than {_MAX_REPEAT}")
+                count = high or low or 1
+                if item_rules * count > _MAX_REPEAT:
+                    raise _too_large(
+                        f"its grammar would repeat {count} times a group that makes "
+                        f"{item_rules} rules, more than llama.cpp's limit of {_MAX_REPEAT}"
+                    )
+                made += 1 if high is None else high - low
+                item_rules *= count
+            elif text == "|" or text[0] in '"[':
+                item_rules = 1
+            else:
+                named.add(text)
+                item_rules = 1
+
+
+def _canonical(value: Any) -> str | None:
+    """A text equal for equal JSON values (None for what is not JSON)."""
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _json_key(key: str) -> str:
+    return json.dumps(key, ensure_ascii=False)
+
+
+def _group_depth(grammar: str) -> int:
+    """How deep parentheses nest in a GBNF text (literals and classes skipped)."""
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        ch = grammar[i]
+        if ch in '"[':
+            close = '"' if ch == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+        i += 1
+    return deepest
 
 
 def _resolve(document: Schema, ref: Any, path: str) -> tuple[Schema, str]:
@@ -1814,6 +1976,11 @@ class _Pattern:
             high = low if match[2] is None else int(match[3]) if match[3] else None
             if high is not None and high < low:
                 raise self._invalid("numbers out of order in {} quantifier")
+            if max(low, high or 0) > _MAX_REPEAT:
+                raise self._unsupported(
+                    f"quantifier above {_MAX_REPEAT}",
+                    f"llama.cpp's grammar sampler repeats at most {_MAX_REPEAT} times",
+                )
             quantifier = _repeat("", low, high) if high != 0 else "{0}"
         else:
             return ""
