@@ -380,7 +380,7 @@ def test_capabilities(http: httpx.Client) -> None:
         ({"tools": [{"type": "function", "function": {"name": "f"}}],
           "tool_choice": {"type": "function", "function": {"name": "f", "x": 1}}}, "tool_choice.function.x"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": [{"$ref": "#"}, {"type": "string"}]}}}},
-         "response_format"),
+         "response_format.json_schema.schema"),  # left recursion
         ({"logit_bias": {"²": 1}}, "logit_bias"),
     ],
 )
