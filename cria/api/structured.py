@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]
-
 from cria.api.protocol import ResponseFormat
 from cria.chat.tools import Function, ToolChoice
 from cria.errors import InvalidRequest
@@ -30,6 +28,8 @@ TOOL_CALL_TRIGGER = "<tool_call>"
 def _check_schema(schema: Any, param: str) -> None:
     if not isinstance(schema, dict | bool):
         raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
+    import jsonschema  # type: ignore[import-untyped]  # here: only requests with a schema need it
+
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except RecursionError:

@@ -74,7 +74,6 @@ from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from typing import Any, Final, TypeAlias
 
-import jsonschema  # type: ignore[import-untyped, unused-ignore]
 import referencing.exceptions
 
 Schema: TypeAlias = dict[str, Any] | bool
@@ -697,6 +696,8 @@ class GrammarBuilder:
         values = schema["enum"] if "enum" in schema else [schema["const"]]
         if not isinstance(values, list) or not values:
             raise SchemaError("enum must be a non-empty array", path=path)
+        import jsonschema  # type: ignore[import-untyped, unused-ignore]  # lazily: ~4 MiB
+
         validator = jsonschema.Draft202012Validator(
             self._doc, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
         ).evolve(schema=schema)

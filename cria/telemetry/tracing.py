@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.exporter.zipkin.json import ZipkinExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -135,6 +134,9 @@ class Tracing:
             return None
         _install_rate_limit()
         provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+        # Imported here: the exporter pulls in `requests` (~10 MiB), only needed with -z.
+        from opentelemetry.exporter.zipkin.json import ZipkinExporter
+
         exporter = ZipkinExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S)
         provider.add_span_processor(BatchSpanProcessor(_QuietExporter(exporter, endpoint)))
         return cls(provider)
