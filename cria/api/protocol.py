@@ -10,8 +10,9 @@ plain dicts: they are written once per token while streaming.
 from __future__ import annotations
 
 import base64
+import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -262,6 +263,30 @@ def chat_chunk_choice(
         "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
         "finish_reason": finish_str(reason),
     }
+
+
+class TextChunk:
+    """The JSON of a streamed chunk that carries only text for one choice — the hot path, one
+    per token per stream — encoded from a template made once per response instead of building
+    and encoding the dict each time. `sample(index, text)` must build the same chunk as a dict;
+    the result is byte-identical to encoding it."""
+
+    _TEXT = "\x00cria-text\x00"
+    _INDEX = 987654321
+
+    def __init__(self, sample: Callable[[int, str], dict[str, Any]]) -> None:
+        encoded = _dumps(sample(self._INDEX, self._TEXT))
+        head, self._tail = encoded.split(_dumps(self._TEXT))
+        index = f'"index":{self._INDEX}'
+        before, self._after_index = head.split(index)
+        self._before_index = before + '"index":'
+
+    def __call__(self, index: int, text: str) -> str:
+        return f"{self._before_index}{index}{self._after_index}{_dumps(text)}{self._tail}"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 # ---- logprobs ----

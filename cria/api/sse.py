@@ -33,11 +33,13 @@ _HEADERS = [
 
 
 def event(body: Any) -> bytes:
-    return b"data: " + dumps(body).encode("utf-8") + b"\n\n"
+    """An SSE event of `body`: a dict to encode, or JSON already encoded (str)."""
+    text = body if isinstance(body, str) else dumps(body)
+    return b"data: " + text.encode("utf-8") + b"\n\n"
 
 
 async def frames(
-    events: AsyncIterator[dict[str, Any]], *, on_error: Callable[[CriaError], None] | None = None
+    events: AsyncIterator[dict[str, Any] | str], *, on_error: Callable[[CriaError], None] | None = None
 ) -> AsyncGenerator[bytes, None]:
     """Frame `events` as SSE: each event, then [DONE]. An error raised after the headers went
     out becomes an error event (told to `on_error`), then [DONE]."""
@@ -60,7 +62,7 @@ async def frames(
 class SSEResponse(Response):
     def __init__(
         self,
-        events: AsyncIterator[dict[str, Any]],
+        events: AsyncIterator[dict[str, Any] | str],
         *,
         on_disconnect: Callable[[], None],
         on_error: Callable[[CriaError], None] | None = None,

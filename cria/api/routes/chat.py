@@ -268,7 +268,11 @@ async def create_chat_completion(request: Request) -> Response:
                 response_id, created, req.model, choices, with_usage=include_usage, usage=usage
             )
 
-        async def events() -> AsyncIterator[dict[str, Any]]:
+        text_chunk = protocol.TextChunk(
+            lambda i, t: chunk([protocol.chat_chunk_choice(i, {"content": t})])
+        )
+
+        async def events() -> AsyncIterator[dict[str, Any] | str]:
             parsers = [ToolCallParser() if plan.parses_tools else None for _ in range(n)]
             for j in range(n):
                 yield chunk([protocol.chat_chunk_choice(j, {"role": "assistant", "content": ""})])
@@ -277,8 +281,10 @@ async def create_chat_completion(request: Request) -> Response:
                 lps = protocol.chat_logprobs(delta.logprobs) if n_logprobs is not None else None
                 parser = parsers[index]
                 if parser is None:
-                    if delta.text or lps:
+                    if lps:
                         yield chunk([protocol.chat_chunk_choice(index, {"content": delta.text}, logprobs=lps)])
+                    elif delta.text:
+                        yield text_chunk(index, delta.text)  # the hot path
                 else:
                     evs = parser.feed(delta.text)
                     if delta.finish_reason is not None:

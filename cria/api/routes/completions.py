@@ -188,12 +188,21 @@ async def create_completion(request: Request) -> Response:
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[dict[str, Any]]:
+        text_chunk = protocol.TextChunk(
+            lambda i, t: protocol.completion(
+                response_id, created, req.model, [protocol.completion_choice(i, t, None)], None
+            )
+        )
+
+        async def events() -> AsyncIterator[dict[str, Any] | str]:
             usages: list[tuple[int, Usage]] = []
             sent_echo: set[int] = set()
             builders = [protocol.CompletionLogprobs(n_top) for _ in streams]
             async for index, delta in merge(streams, state.metrics, trace=trace):
                 text = delta.text
+                if text and delta.finish_reason is None and not wants_logprobs and index in sent_echo:
+                    yield text_chunk(index, text)  # the hot path: one per token per stream
+                    continue
                 if index not in sent_echo:
                     sent_echo.add(index)
                     text = echoes[index // n] + text
