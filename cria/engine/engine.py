@@ -648,11 +648,14 @@ class Engine:
             start = len(seq.slot.cached)
             tokens_chunk = seq.req.prompt[start : start + chunk.n_tokens]
             if seq.prompt_lps is not None:
-                first_row = batch.add_run_all(tokens_chunk, start, slot_id)
+                first_row = batch.add_run(tokens_chunk, start, slot_id, logits="all")
+                assert first_row is not None
                 scored.append((seq, first_row, start, len(tokens_chunk)))
-                out_row: int | None = first_row + len(tokens_chunk) - 1 if chunk.is_last else None
+                out_row = first_row + len(tokens_chunk) - 1 if chunk.is_last else None
             else:
-                out_row = batch.add_run(tokens_chunk, start, slot_id, logits_last=chunk.is_last)
+                out_row = batch.add_run(
+                    tokens_chunk, start, slot_id, logits="last" if chunk.is_last else "none"
+                )
             if out_row is not None:
                 to_sample.append((seq, out_row))
             fed.append((seq, tokens_chunk))

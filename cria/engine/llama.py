@@ -240,35 +240,25 @@ class Batch:
         self.n_outputs += n
         return row
 
-    def add_run(self, tokens: Sequence[int], start_pos: int, seq: int, *, logits_last: bool) -> int | None:
-        """Append consecutive tokens of one sequence (a prompt chunk). Returns the output row
-        of its last token when `logits_last`, else None."""
+    def add_run(
+        self, tokens: Sequence[int], start_pos: int, seq: int, *, logits: str
+    ) -> int | None:
+        """Append consecutive tokens of one sequence (a prompt chunk) with logits for none of
+        them, the last one, or all of them (a prompt whose log-probabilities are asked for).
+        Returns the output row of its first token with logits, or None."""
         i, n = self.n_tokens, len(tokens)
         assert i + n <= self.capacity, "batch overflow"
         self._token[i : i + n] = tokens
         self._pos[i : i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
         self._seq[i : i + n] = seq
-        self._logits[i : i + n] = 0
+        self._logits[i : i + n] = logits == "all"
         self.n_tokens = i + n
-        if not logits_last:
+        if logits == "none":
             return None
-        self._logits[i + n - 1] = 1
+        if logits == "last":
+            self._logits[i + n - 1] = 1
         row = self.n_outputs
-        self.n_outputs += 1
-        return row
-
-    def add_run_all(self, tokens: Sequence[int], start_pos: int, seq: int) -> int:
-        """Append consecutive tokens of one sequence, every one with logits (a prompt whose
-        log-probabilities are asked for). Returns the output row of its first token."""
-        i, n = self.n_tokens, len(tokens)
-        assert i + n <= self.capacity, "batch overflow"
-        self._token[i : i + n] = tokens
-        self._pos[i : i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
-        self._seq[i : i + n] = seq
-        self._logits[i : i + n] = 1
-        self.n_tokens = i + n
-        row = self.n_outputs
-        self.n_outputs += n
+        self.n_outputs += n if logits == "all" else 1
         return row
 
     def add_sequence(self, tokens: Sequence[int], seq: int) -> None:

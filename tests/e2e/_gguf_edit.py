@@ -15,29 +15,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from cria.models.gguf import _read, _string, _u32, _u64  # the package's own GGUF reader
 from tests.unit._gguf import _FMT, ARRAY, STRING, U32
 
 DEFAULT_ALIGNMENT = 32
 ALIGNMENT_KEY = "general.alignment"
-
-
-def _read(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise ValueError("truncated GGUF file")
-    return data
-
-
-def _u32(f: BinaryIO) -> int:
-    return int(struct.unpack("<I", _read(f, 4))[0])
-
-
-def _u64(f: BinaryIO) -> int:
-    return int(struct.unpack("<Q", _read(f, 8))[0])
-
-
-def _string(f: BinaryIO) -> str:
-    return _read(f, _u64(f)).decode("utf-8")
 
 
 def _skip_value(f: BinaryIO, vtype: int) -> None:

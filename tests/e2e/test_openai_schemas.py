@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import MODEL_ID, Server
+from tests.e2e.test_tools import WEATHER
 from tests.openai_schema import request_fields, validate, validate_each, violations
 
 MAX_TOKENS = 4
@@ -229,22 +230,6 @@ def test_error_body_in_a_stream(server: Server) -> None:
 
 # ---- the newer features: logprobs, tools, response_format, echo, best_of ----
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 FORCED_CALL = {
     "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
     "tools": [WEATHER],
