@@ -51,12 +51,16 @@ def _tokenize_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
             tokens = [engine.model.bos]  # an empty prompt starts from BOS, as OpenAI allows
         if not tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        if any(not 0 <= t < engine.n_vocab for t in tokens):
-            raise InvalidRequest(
-                f"the prompt holds a token id outside [0, {engine.n_vocab})", param="prompt"
-            )
+        if not isinstance(p, str):
+            _check_token_ids(engine, tokens)
         out.append(tokens)
     return out
+
+
+def _check_token_ids(engine: Engine, tokens: list[int]) -> None:
+    n_vocab = engine.n_vocab
+    if min(tokens) < 0 or max(tokens) >= n_vocab:
+        raise InvalidRequest(f"the prompt holds a token id outside [0, {n_vocab})", param="prompt")
 
 
 def _fim_prompts(engine: Engine, prompt: Any, suffix: str) -> list[list[int]]:
@@ -75,10 +79,8 @@ def _fim_prompts(engine: Engine, prompt: Any, suffix: str) -> list[list[int]]:
     out: list[list[int]] = []
     for p in _prompt_list(prompt):
         before = engine.tokenize(p, add_special=False) if isinstance(p, str) else list(p)
-        if any(not 0 <= t < engine.n_vocab for t in before):
-            raise InvalidRequest(
-                f"the prompt holds a token id outside [0, {engine.n_vocab})", param="prompt"
-            )
+        if before and not isinstance(p, str):
+            _check_token_ids(engine, before)
         out.append([*bos, pre, *before, suf, *after, mid])
     return out
 
