@@ -535,17 +535,20 @@ class Engine:
                 deferred.append(seq)  # admitted once the group's prompt is in the KV cache
                 continue
             self._dequeued()
-            choice = self._slots.choose(seq.req.prompt)
-            assert choice is not None
-            slot_id, n_reuse = choice
             if seq.req.prompt_logprobs:
-                # Every prompt token's logits are needed: nothing cached can stand in for them.
+                # Every prompt token's logits are needed: nothing cached can stand in for them,
+                # so take the slot whose cache is worth least.
+                slot_id = self._slots.choose_scratch()
+                assert slot_id is not None
                 self._save_evicted(slot_id, 0)
                 self._ctx.seq_rm(slot_id, 0)
                 seq.slot = self._slots.acquire(slot_id, 0)
                 seq.prompt_lps = [None]
                 self._start(seq, slot_id, 0)
                 continue
+            choice = self._slots.choose(seq.req.prompt)
+            assert choice is not None
+            slot_id, n_reuse = choice
             self._save_evicted(slot_id, n_reuse)
             donor = self._slots.best_donor(seq.req.prompt, exclude=slot_id)
             saved = self._prompt_cache.best(seq.req.prompt) if self._prompt_cache else None

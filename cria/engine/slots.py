@@ -53,6 +53,14 @@ class SlotTable:
             return None
         return best[1], -best[0]
 
+    def choose_scratch(self) -> int | None:
+        """A free slot for a request that reuses nothing (its cache is wiped): the one whose
+        cache is worth least (fewest tokens; on a tie the lowest id), or None if all are busy."""
+        free = [s for s in self.slots if not s.is_busy]
+        if not free:
+            return None
+        return min(free, key=lambda s: (len(s.cached), s.id)).id
+
     def acquire(self, slot_id: int, n_reuse: int) -> Slot:
         slot = self.slots[slot_id]
         assert not slot.is_busy, "slot acquired twice"

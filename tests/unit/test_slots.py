@@ -156,3 +156,18 @@ def test_two_requests_sharing_a_system_prompt_reuse_the_cache() -> None:
     table.release(first.id)
     # The next request with the same system prompt lands on the slot that holds it.
     assert table.choose([*system, 7, 8]) == (first.id, len(system))
+
+
+def test_scratch_slot_is_the_one_with_the_least_cache() -> None:
+    table = SlotTable(3)
+    table.acquire_tokens(0, [1, 2, 3])
+    table.acquire_tokens(1, [1])
+    table.acquire_tokens(2, [1, 2])
+    for i in range(3):
+        table.release(i)
+    assert table.choose_scratch() == 1
+    table.acquire(1, 0)
+    assert table.choose_scratch() == 2
+    table.acquire(2, 0)
+    table.acquire(0, 0)
+    assert table.choose_scratch() is None
