@@ -317,8 +317,7 @@ class CompletionLogprobs:
     choice's text from its start (the echoed prompt included). Only the first echoed prompt
     token has null entries (no context), as OpenAI sends it."""
 
-    def __init__(self, n_top: int) -> None:
-        self.n_top = n_top
+    def __init__(self) -> None:
         self.offset = 0
 
     def build(self, entries: Sequence[TokenLogprob | None], first_piece: bytes = b"") -> dict[str, Any]:

@@ -556,7 +556,6 @@ class ConstrainedSampler:
         self._recent = b""  # the output's last bytes, while waiting for the trigger
         self._all = _Candidates(model.n_vocab)
         self._check = _Candidates(1)
-        self.n_full = 0  # draws that needed the grammar over the whole vocabulary
 
     def _allows(self, grammar: Any, token: int) -> bool:
         check = self._check
@@ -589,7 +588,6 @@ class ConstrainedSampler:
         if self._grammar is None:
             token = self._free_token(values, token)
         elif not self._allows(self._grammar, token):
-            self.n_full += 1
             cur.fill(values)
             llama_cpp.llama_sampler_apply(self._grammar, cur.ref)
             llama_cpp.llama_sampler_apply(chain, cur.ref)

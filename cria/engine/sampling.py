@@ -12,7 +12,7 @@ from cria.engine.types import SamplingParams
 @dataclass(frozen=True, slots=True)
 class SamplerStep:
     kind: str  # logit_bias | penalties | top_k | top_p | min_p | temp | dist | greedy
-    args: tuple[float | int | str | None, ...] = ()
+    args: tuple[float | int, ...] = ()
 
 
 def sampler_recipe(
@@ -29,7 +29,7 @@ def sampler_recipe(
     for token in banned:  # e.g. end-of-generation tokens under ignore_eos
         biases[token] = float("-inf")
     if biases:
-        flat: list[float | int | str | None] = []
+        flat: list[float | int] = []
         for token, bias in sorted(biases.items()):
             flat += [token, bias]
         steps.append(SamplerStep("logit_bias", tuple(flat)))

@@ -51,7 +51,7 @@ def test_chat_logprobs_shape() -> None:
 
 
 def test_completion_logprobs_offsets_continue_across_chunks() -> None:
-    builder = CompletionLogprobs(n_top=1)
+    builder = CompletionLogprobs()
     first = builder.build([None, _entry(b"lo", -1.0, ((5, b"lo", -1.0),))], first_piece=b"Hel")
     assert first["tokens"] == ["Hel", "lo"]
     assert first["token_logprobs"] == [None, -1.0]
@@ -64,6 +64,6 @@ def test_completion_logprobs_offsets_continue_across_chunks() -> None:
 def test_completion_top_logprobs_always_hold_the_sampled_token() -> None:
     """OpenAI's spec types each top_logprobs entry as an object: with logprobs=0 it is the
     sampled token alone, and a sampled token outside the top n is added to them."""
-    assert CompletionLogprobs(n_top=0).build([_entry(b"a", -3.0)])["top_logprobs"] == [{"a": -3.0}]
-    out = CompletionLogprobs(n_top=1).build([_entry(b"a", -3.0, ((7, b"b", -0.1),))])
+    assert CompletionLogprobs().build([_entry(b"a", -3.0)])["top_logprobs"] == [{"a": -3.0}]
+    out = CompletionLogprobs().build([_entry(b"a", -3.0, ((7, b"b", -0.1),))])
     assert out["top_logprobs"] == [{"b": -0.1, "a": -3.0}]

@@ -51,16 +51,8 @@ def _tokenize_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
             tokens = [engine.model.bos]  # an empty prompt starts from BOS, as OpenAI allows
         if not tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        if not isinstance(p, str):
-            _check_token_ids(engine, tokens)
         out.append(tokens)
     return out
-
-
-def _check_token_ids(engine: Engine, tokens: list[int]) -> None:
-    n_vocab = engine.n_vocab
-    if min(tokens) < 0 or max(tokens) >= n_vocab:
-        raise InvalidRequest(f"the prompt holds a token id outside [0, {n_vocab})", param="prompt")
 
 
 def _fim_prompts(engine: Engine, prompt: Any, suffix: str) -> list[list[int]]:
@@ -79,8 +71,6 @@ def _fim_prompts(engine: Engine, prompt: Any, suffix: str) -> list[list[int]]:
     out: list[list[int]] = []
     for p in _prompt_list(prompt):
         before = engine.tokenize(p, add_special=False) if isinstance(p, str) else list(p)
-        if before and not isinstance(p, str):
-            _check_token_ids(engine, before)
         out.append([*bos, pre, *before, suf, *after, mid])
     return out
 
@@ -169,14 +159,13 @@ async def create_completion(request: Request) -> Response:
                 )
             )
     # The prompt as the client sent it (without fill-in-the-middle tokens and suffix).
+    streams = submit_all(engine, gens)  # checks the prompts' token ids first
     echoes = [engine.detokenize(p) for p in shown_prompts] if echo else [""] * len(prompts)
     first_pieces = [engine.token_piece(p[0]) for p in prompts]
-    streams = submit_all(engine, gens)
     trace = None if state.tracing is None else state.tracing.for_request(model=req.model, max_tokens=requested)
     response_id, created = new_id("cmpl"), int(time.time())
     prompt_lengths = [len(p) for p in prompts]
     headers = strict.ignored_headers(ignored)
-    n_top = req.logprobs or 0
 
     def logprobs_of(
         builder: protocol.CompletionLogprobs,
@@ -199,7 +188,7 @@ async def create_completion(request: Request) -> Response:
         async def events() -> AsyncIterator[dict[str, Any] | str]:
             usages: list[tuple[int, Usage]] = []
             sent_echo: set[int] = set()
-            builders = [protocol.CompletionLogprobs(n_top) for _ in streams]
+            builders = [protocol.CompletionLogprobs() for _ in streams]
             async for index, delta in merge(streams, state.metrics, trace=trace):
                 text = delta.text
                 if text and delta.finish_reason is None and not wants_logprobs and index in sent_echo:
@@ -241,7 +230,7 @@ async def create_completion(request: Request) -> Response:
         lp = None
         if wants_logprobs:
             lp = logprobs_of(
-                protocol.CompletionLogprobs(n_top), i // n, r.prompt_logprobs, r.logprobs
+                protocol.CompletionLogprobs(), i // n, r.prompt_logprobs, r.logprobs
             )
         choices.append(protocol.completion_choice(i, echoes[i // n] + r.text, r.finish_reason, lp))
     body = protocol.completion(response_id, created, req.model, choices, usage)
