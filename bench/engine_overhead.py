@@ -51,12 +51,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--gpu-layers", type=int, default=0)
+    ap.add_argument("--overlap", action="store_true", help="overlap each step's text work with the next decode")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     engine = Engine(
         lambda: LlamaModel(args.model, n_gpu_layers=args.gpu_layers, use_mmap=True),
         EngineConfig(n_ctx_per_seq=512, n_slots=args.streams, n_batch=max(512, args.streams),
-                     n_threads=args.threads, max_queue=4 * args.streams),
+                     n_threads=args.threads, max_queue=4 * args.streams, overlap_text=args.overlap),
     )
     engine.start()
     engine.wait_ready()
@@ -68,6 +69,7 @@ def main() -> None:
     t = engine._timing  # noqa: SLF001
     result = {
         "streams": args.streams,
+        "overlap": args.overlap,
         "tokens_per_s": round(tok_s, 1),
         "step_ms": round(1e3 * (t.busy_s - before[1]) / max(t.n_steps - before[0], 1), 3),
         "decode_ms_per_step": round(1e3 * t.decode_s / max(t.n_steps, 1), 3),

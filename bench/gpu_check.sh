@@ -27,9 +27,12 @@ rc = llama_cpp.llama_model_quantize(b"/tmp/m-f16.gguf", b"/tmp/m.gguf", p)
 print("quantize rc", rc, "in", round(time.time() - t, 1), "s; supports_gpu_offload", llama_cpp.llama_supports_gpu_offload())
 PYEOF
 for s in "${STREAMS[@]}"; do
-  $PY bench/engine_overhead.py --model /tmp/m.gguf --gpu-layers $NGL --streams "$s" --max-tokens 256 \
-    --threads 4 --json "$OUT/engine-$s.json" > /dev/null 2> "$OUT/engine-$s.log" || tail -5 "$OUT/engine-$s.log"
-  grep -h tokens_per_s "$OUT/engine-$s.json" || true
+  for o in "" overlap; do  # the step's text work after sampling, or while the next step decodes
+    $PY bench/engine_overhead.py --model /tmp/m.gguf --gpu-layers $NGL --streams "$s" --max-tokens 256 \
+      --threads 4 ${o:+--overlap} --json "$OUT/engine-$s$o.json" > /dev/null 2> "$OUT/engine-$s$o.log" \
+      || tail -5 "$OUT/engine-$s$o.log"
+    echo "engine, $s streams ${o:-no overlap}: $(grep -h tokens_per_s "$OUT/engine-$s$o.json" || true)"
+  done
 done
 PORT=8089
 $PY -m cria --model /tmp/m.gguf --use-gpu --gpu-layers $NGL --parallel 64 --context-size 1024 \
@@ -48,11 +51,9 @@ done
 $PY -c "import httpx,json; print(json.dumps(httpx.get('http://127.0.0.1:$PORT/health').json()))" > "$OUT/health.json" || true
 cat "$OUT/health.json"
 kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
-# Experiment: the same server with a shorter GIL switch interval (the engine thread and the event
-# loop share the GIL; at GPU step times the default 5 ms hand-over may delay steps).
-$PY -c "import sys; sys.setswitchinterval(0.0005); from cria.cli import main; sys.exit(main(sys.argv[1:]))" \
-  --model /tmp/m.gguf --use-gpu --gpu-layers $NGL --parallel 64 --context-size 1024 \
-  --host 127.0.0.1 --port $PORT --log-level warning > "$OUT/server-si.log" 2>&1 &
+# The same server with --overlap-output off (auto turns it on with layers on the GPU).
+$PY -m cria --model /tmp/m.gguf --use-gpu --gpu-layers $NGL --parallel 64 --context-size 1024 \
+  --host 127.0.0.1 --port $PORT --log-level warning --overlap-output off > "$OUT/server-off.log" 2>&1 &
 SERVER=$!
 for i in $(seq 1 120); do
   $PY -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && break
@@ -60,5 +61,5 @@ for i in $(seq 1 120); do
 done
 s=${STREAMS[-1]}
 $PY bench/loadgen.py --base-url http://127.0.0.1:$PORT/v1 --endpoint completions -c "$s" -n $((s * 2)) \
-  --max-tokens 128 --json "$OUT/http-si-$s.json" > "$OUT/http-si-$s.txt" 2>&1 || true
-echo "switchinterval 0.5 ms, $s streams:"; grep -E "aggregate|TTFT|ITL|errors" "$OUT/http-si-$s.txt" || tail -3 "$OUT/http-si-$s.txt"
+  --max-tokens 128 --json "$OUT/http-off-$s.json" > "$OUT/http-off-$s.txt" 2>&1 || true
+echo "--overlap-output off, $s streams:"; grep -E "aggregate|TTFT|ITL|errors" "$OUT/http-off-$s.txt" || tail -3 "$OUT/http-off-$s.txt"

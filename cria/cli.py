@@ -112,7 +112,8 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
     from cria.engine.engine import Engine, EngineConfig
     from cria.engine.llama import LlamaModel, library_version, supports_gpu_offload
 
-    if settings.wants_gpu and not supports_gpu_offload():
+    gpu_offload = settings.wants_gpu and supports_gpu_offload()
+    if settings.wants_gpu and not gpu_offload:
         log.warning(
             "--use-gpu: this llama-cpp-python build has no GPU offload; running on the CPU. "
             "Install a CUDA build with CMAKE_ARGS=\"-DGGML_CUDA=on\" (or Metal on macOS: "
@@ -129,6 +130,8 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
             n_threads=settings.threads,
             max_queue=settings.max_queue,
             prompt_cache_bytes=settings.prompt_cache_mib * 1024 * 1024,
+            overlap_text=settings.overlap_output == "on"
+            or (settings.overlap_output == "auto" and gpu_offload and settings.n_gpu_layers > 0),
         ),
         load_embedding_model=None if embedding_spec is None else lambda: LlamaModel(
             embedding_spec.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap

@@ -143,6 +143,14 @@ class Settings(BaseSettings):
         default="text",
         help="Log format: text (one line per record) or json (one JSON object per line).",
     )
+    overlap_output: str = _opt(
+        "--overlap-output",
+        default="auto",
+        help="Work out each step's output (detokenizing, stop strings, the hand-off to the HTTP "
+        "side) while the next step decodes: auto, on or off. auto: on when layers are offloaded "
+        "to a GPU, where llama_decode returns before the GPU has finished; off on the CPU, where "
+        "it would delay every token by one step.",
+    )
     lenient: bool = _opt(
         "--lenient",
         default=False,
@@ -177,6 +185,14 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if value not in {"text", "json"}:
             raise ValueError("must be text or json")
+        return value
+
+    @field_validator("overlap_output")
+    @classmethod
+    def _check_overlap(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in {"auto", "on", "off"}:
+            raise ValueError("must be auto, on or off")
         return value
 
     @field_validator("model_architecture")

@@ -75,6 +75,11 @@ class EngineConfig:
     n_threads: int
     max_queue: int
     prompt_cache_bytes: int = 0  # host memory for evicted prompts' KV state (0: off)
+    # Work out each step's text (detokenize, stop strings, hand-off to the event loop) while
+    # the next step's llama_decode runs. Worth it only where llama_decode returns before the
+    # computation ends (layers offloaded to a GPU); on the CPU it would delay every token by
+    # one step.
+    overlap_text: bool = False
 
 
 class StepObserver(Protocol):
@@ -112,6 +117,8 @@ class _Seq:
     lps: list[TokenLogprob] = field(default_factory=list)  # logprobs not yet emitted
     # Prompt logprobs (prompt_logprobs requests): filled chunk by chunk, sent with the first Delta.
     prompt_lps: list[TokenLogprob | None] | None = None
+    is_finished: bool = False  # out of the running set, its slot released (text may be owed)
+    is_closed: bool = False  # failed or aborted: nothing more is sent on its stream
 
     @property
     def n_prompt_left(self) -> int:
@@ -153,6 +160,8 @@ class Engine:
         self._ctx: LlamaContext | None = None
         self._batch: Batch | None = None
         self._embedder: Embedder | None = None
+        # Text work of the last step's tokens, done while the next step decodes (overlap_text).
+        self._owed: list[_TextWork] = []
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Delta | CriaError]]] = {}
         self._by_slot: dict[int, _Seq] = {}
         self._eog_ids: list[int] = []
@@ -483,6 +492,7 @@ class Engine:
             self._dequeued()
         for seq in [s for s in self._running if s.req.id in ids]:
             log.debug("request %s aborted", seq.req.id)
+            seq.is_closed = True
             self._finish(seq)
         if self._embedder is not None:
             self._embedder.abort(ids)
@@ -500,10 +510,17 @@ class Engine:
             [SeqState(s.slot.id, s.n_prompt_left) for s in self._running if s.slot is not None],
             self.config.n_batch,
         )
-        if not plan.is_empty:
-            sampled = self._decode(plan)
-            if sampled:
-                self._postprocess(sampled)
+        sampled = self._decode(plan) if not plan.is_empty else []
+        if self._owed:  # the last step's text, while this step's llama_decode computes
+            owed, self._owed = self._owed, []
+            self._text(owed)
+            self._flush()
+        if sampled:
+            work = self._postprocess(sampled)
+            if self.config.overlap_text and self._running:
+                self._owed = work  # the next step follows at once: it does this work
+            else:
+                self._text(work)
         self._flush()
         if not plan.is_empty:
             seconds = time.perf_counter() - started
@@ -749,7 +766,11 @@ class Engine:
         top = tuple((t, piece(t), lp) for t, lp in top_tokens(row, k))
         return TokenLogprob(token, piece(token), float(row[token]), top)
 
-    def _postprocess(self, sampled: list[tuple[_Seq, int]]) -> None:
+    def _postprocess(self, sampled: list[tuple[_Seq, int]]) -> list[_TextWork]:
+        """Sample the step's tokens and settle which sequences go on: a sequence that stops
+        (end of generation, max_tokens) leaves the running set here, so the next step is
+        planned without it. Its text, and the checks that need text (stop strings), are the
+        returned work for `_text`."""
         assert self._ctx is not None and self.model is not None
         model = self.model
         try:
@@ -757,32 +778,52 @@ class Engine:
         except Exception as exc:
             log.exception("sampling failed")
             for seq, _row in sampled:
-                self._fail(seq, EngineFailure(f"sampling failed: {exc}"))
-            return
+                if not seq.is_finished:
+                    self._fail(seq, EngineFailure(f"sampling failed: {exc}"))
+            return []
         now = time.perf_counter()
+        work: list[_TextWork] = []
         for (seq, _row), token in zip(sampled, tokens):
+            if seq.is_finished:  # a stop string ended it while this step decoded (overlap_text)
+                continue
             if seq.t_first_token is None:
                 seq.t_first_token = now
             seq.n_sampled += 1
+            if seq.req.max_tokens == 0:  # only the prompt was wanted (its logprobs, echo)
+                seq.lps.clear()
+                work.append((seq, None, FinishReason.LENGTH))
+            elif model.is_eog(token) and not seq.req.ignore_eos:
+                work.append((seq, None, FinishReason.STOP))
+            else:
+                seq.n_generated += 1
+                if seq.n_generated < seq.req.max_tokens:
+                    seq.pending = token
+                    work.append((seq, token, None))
+                    continue
+                work.append((seq, token, FinishReason.LENGTH))
+            self._finish(seq)
+        return work
+
+    def _text(self, work: list[_TextWork]) -> None:
+        """Each sampled token's text: detokenize, match stop strings, emit Deltas."""
+        assert self.model is not None
+        piece = self.model.token_piece
+        for seq, token, reason in work:
+            if seq.is_closed:
+                continue
             try:
                 assert seq.stops is not None
-                if seq.req.max_tokens == 0:  # only the prompt was wanted (its logprobs, echo)
-                    seq.lps.clear()
-                    self._complete(seq, "", 0, FinishReason.LENGTH)
+                if token is None:
+                    assert reason is not None
+                    self._complete(seq, "", 0, reason)
                     continue
-                if model.is_eog(token) and not seq.req.ignore_eos:
-                    self._complete(seq, "", 0, FinishReason.STOP)
-                    continue
-                seq.n_generated += 1
-                text, is_stopped = seq.stops.push(seq.detok.push(model.token_piece(token)))
+                text, is_stopped = seq.stops.push(seq.detok.push(piece(token)))
                 if is_stopped:
                     self._complete(seq, text, 1, FinishReason.STOP, flush=False)
-                elif seq.n_generated >= seq.req.max_tokens:
-                    self._complete(seq, text, 1, FinishReason.LENGTH)
-                else:
-                    seq.pending = token
-                    if text or seq.lps:
-                        self._emit(seq, self._delta(seq, text, 1))
+                elif reason is not None:
+                    self._complete(seq, text, 1, reason)
+                elif text or seq.lps:
+                    self._emit(seq, self._delta(seq, text, 1))
             except Exception as exc:
                 log.exception("request %s failed after sampling", seq.req.id)
                 self._fail(seq, EngineFailure(f"generation failed: {exc}"))
@@ -831,11 +872,17 @@ class Engine:
         return Delta(text, n_tokens, reason, usage, timings, lps, prompt_lps)
 
     def _fail(self, seq: _Seq, error: CriaError) -> None:
+        if seq.is_closed:
+            return
         self._emit(seq, error)
+        seq.is_closed = True
         self._finish(seq)
 
     def _finish(self, seq: _Seq) -> None:
         """Free the request's slot (its cache stays for prefix reuse) and sampler."""
+        if seq.is_finished:
+            return
+        seq.is_finished = True
         if seq in self._running:
             self._running.remove(seq)
         if seq.slot is not None:
@@ -857,6 +904,11 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
+
+
+# One sampled token's text work: the sequence, the token (None: nothing to print, only the
+# ending) and, when the sampling step already knows it ends there, why.
+_TextWork = tuple[_Seq, int | None, FinishReason | None]
 
 
 def _deliver(items: list[tuple[RequestStream, Delta | CriaError]]) -> None:

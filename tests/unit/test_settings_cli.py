@@ -42,6 +42,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "log_level": ("WARNING", "warning"),
     "log_format": ("JSON", "json"),
     "lenient": ("true", True),
+    "overlap_output": ("ON", "on"),
 }
 
 # The original options are a contract: their flags must not change.
@@ -75,6 +76,7 @@ BAD: list[tuple[str, str]] = [
     ("n_gqa", "0"),
     ("log_level", "loud"),
     ("log_format", "xml"),
+    ("overlap_output", "sometimes"),
     ("zipkin_endpoint", "ftp://zipkin"),
     ("model_architecture", "   "),
 ]
