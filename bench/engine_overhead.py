@@ -62,11 +62,11 @@ def main() -> None:
     engine.start()
     engine.wait_ready()
     asyncio.run(run(engine, min(4, args.streams), 16, args.temperature))  # warm-up
-    before = engine._timing.n_steps, engine._timing.busy_s  # noqa: SLF001 - a benchmark
+    before = engine._timing.n_steps, engine._timing.busy_s
     tok_s = asyncio.run(run(engine, args.streams, args.max_tokens, args.temperature))
     stats = engine.stats()
     engine.stop()
-    t = engine._timing  # noqa: SLF001
+    t = engine._timing
     result = {
         "streams": args.streams,
         "overlap": args.overlap,
