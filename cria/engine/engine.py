@@ -521,7 +521,11 @@ class Engine:
                 self._owed = work  # the next step follows at once: it does this work
             else:
                 self._text(work)
-        self._flush()
+        if not self._running or (self._embedder is not None and self._embedder.has_work):
+            self._flush()
+        # else the next step hands this output over just before its llama_decode: the event
+        # loop then takes the GIL while the engine has no use for it, not in the middle of
+        # planning and batch filling (a GIL hand-over can cost up to the switch interval).
         if not plan.is_empty:
             seconds = time.perf_counter() - started
             n_seqs = len(plan.decodes) + len(plan.prefills)
@@ -683,6 +687,7 @@ class Engine:
             add_run()
         self._n_steps += 1
         self._max_seqs_per_step = max(self._max_seqs_per_step, len(fed))
+        self._flush()
         t0 = time.perf_counter()
         result = self._ctx.decode(batch)
         self._timing.decode_s += time.perf_counter() - t0
