@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from cria.engine.engine import Engine, EngineConfig
+from cria.engine.base import EngineConfig
+from cria.engine.engine import Engine
 from cria.engine.llama import LlamaModel
 from cria.engine.types import GenerationRequest, SamplingParams
 

@@ -109,7 +109,8 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
 
     from cria.api.app import create_app
-    from cria.engine.engine import Engine, EngineConfig
+    from cria.engine.base import EngineConfig
+    from cria.engine.engine import Engine
     from cria.engine.llama import LlamaModel, library_version, supports_gpu_offload
 
     gpu_offload = settings.wants_gpu and supports_gpu_offload()

@@ -25,7 +25,7 @@ from cria.api.routes import (
 )
 from cria.api.state import AppState
 from cria.chat.template import ChatTemplate
-from cria.engine.engine import Engine
+from cria.engine.base import EngineBase
 from cria.engine.llama import library_version
 from cria.models.spec import EmbeddingSpec, ModelSpec
 from cria.settings import Settings
@@ -40,7 +40,7 @@ def _created(path: Path) -> int:
 def create_app(
     settings: Settings,
     spec: ModelSpec,
-    engine: Engine,
+    engine: EngineBase,
     *,
     embedding_spec: EmbeddingSpec | None = None,
 ) -> FastAPI:

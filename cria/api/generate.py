@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from cria.api.protocol import _SamplingFields
-from cria.engine.engine import Engine
+from cria.engine.base import EngineBase
 from cria.engine.stream import RequestStream
 from cria.engine.types import (
     Delta,
@@ -79,7 +79,7 @@ def check_logprobs_budget(n_sequences: int, max_tokens: int, n_top: int | None, 
         )
 
 
-def submit_all(engine: Engine, requests: Sequence[GenerationRequest]) -> list[RequestStream]:
+def submit_all(engine: EngineBase, requests: Sequence[GenerationRequest]) -> list[RequestStream]:
     """Submit every request or none: if one is refused, the ones already queued are aborted."""
     if len(requests) > engine.config.max_queue:
         raise InvalidRequest(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from cria.chat.template import ChatTemplate
-from cria.engine.engine import Engine
+from cria.engine.base import EngineBase
 from cria.errors import InvalidRequest, ModelNotFound
 from cria.models.spec import EmbeddingSpec, ModelSpec
 from cria.settings import Settings
@@ -19,7 +19,7 @@ from cria.telemetry.tracing import Tracing
 class AppState:
     settings: Settings
     spec: ModelSpec
-    engine: Engine
+    engine: EngineBase
     template: ChatTemplate
     created: int  # the served model's "created" timestamp
     metrics: Metrics

@@ -13,17 +13,17 @@ that generation is not starved.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
+from cria.engine.base import EngineBase, EngineConfig, EngineState, StepObserver
 from cria.engine.embedder import Embedder, EmbeddingJob
 from cria.engine.llama import (
     Batch,
@@ -53,11 +53,9 @@ from cria.engine.types import (
     Usage,
 )
 from cria.errors import (
-    ContextOverflow,
     CriaError,
     EngineFailure,
     EngineUnavailable,
-    InvalidRequest,
     Overloaded,
 )
 
@@ -65,34 +63,6 @@ log = logging.getLogger(__name__)
 
 # A slot about to lose fewer tokens than this is not worth saving to the prompt cache.
 MIN_SAVED_TOKENS = 32
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    n_ctx_per_seq: int
-    n_slots: int
-    n_batch: int
-    n_threads: int
-    max_queue: int
-    prompt_cache_bytes: int = 0  # host memory for evicted prompts' KV state (0: off)
-    # Work out each step's text (detokenize, stop strings, hand-off to the event loop) while
-    # the next step's llama_decode runs. Worth it only where llama_decode returns before the
-    # computation ends (layers offloaded to a GPU); on the CPU it would delay every token by
-    # one step.
-    overlap_text: bool = False
-
-
-class StepObserver(Protocol):
-    """Told about every generation step, on the engine thread (keep it cheap: once per step,
-    never per token). The metrics object implements it; the engine never imports it."""
-
-    def observe_step(self, seconds: float, n_seqs: int) -> None: ...
-
-
-class EngineState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    DEAD = "dead"
 
 
 @dataclass(slots=True)
@@ -126,7 +96,7 @@ class _Seq:
         return max(len(self.req.prompt) - len(self.slot.cached), 0)
 
 
-class Engine:
+class Engine(EngineBase):
     def __init__(
         self,
         load_model: Callable[[], LlamaModel],
@@ -193,80 +163,19 @@ class Engine:
     def failure(self) -> str | None:
         return self._failure
 
-    def _require_ready(self) -> LlamaModel:
-        state = self.state
-        if state is EngineState.LOADING:
-            raise EngineUnavailable("the model is still loading; retry shortly")
-        if state is EngineState.DEAD or self.model is None:
-            raise EngineUnavailable(f"the engine is not running: {self._failure or 'stopped'}")
-        return self.model
-
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        """Tokenize text (special tokens such as chat-template markers are parsed)."""
-        return self._require_ready().tokenize(text, add_special=add_special, parse_special=True)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._require_ready().detokenize(tokens)
-
-    def check_grammar(self, grammar: str) -> bool:
-        """Whether llama.cpp parses this grammar (it reads only the vocabulary)."""
-        return self._require_ready().check_grammar(grammar)
-
-    def token_piece(self, token: int) -> bytes:
-        model = self._require_ready()
-        if not 0 <= token < model.n_vocab:
-            raise InvalidRequest(f"token id {token} is outside [0, {model.n_vocab})")
-        return model.token_piece(token)
-
-    def fim_tokens(self) -> tuple[int, int, int] | None:
-        """(prefix, suffix, middle) fill-in-the-middle tokens, if the model has them."""
-        return self._require_ready().fim_tokens()
-
-    @property
-    def add_bos(self) -> bool:
-        return self._require_ready().add_bos
-
-    @property
-    def n_vocab(self) -> int:
-        return self._require_ready().n_vocab
-
-    def resolve_max_tokens(self, n_prompt: int, max_tokens: int | None, *, param: str) -> int:
-        """max_tokens for a prompt of n_prompt tokens: the request's, or what is left of the
-        slot's context. Never truncates: too long is a ContextOverflow."""
-        n_ctx = self.config.n_ctx_per_seq
-        if max_tokens is None:
-            if n_prompt >= n_ctx:
-                raise ContextOverflow(
-                    f"the prompt has {n_prompt} tokens; this server's context is {n_ctx} tokens",
-                    param="messages" if param == "max_completion_tokens" else "prompt",
-                )
-            return n_ctx - n_prompt
-        if n_prompt + max_tokens > n_ctx:
-            raise ContextOverflow(
-                f"this server's context is {n_ctx} tokens; the request asks for {n_prompt} "
-                f"prompt tokens + {max_tokens} completion tokens. Shorten the prompt or lower "
-                f"{param}.",
-                param=param,
-            )
-        return max_tokens
-
-    def submit(self, req: GenerationRequest) -> RequestStream:
-        """Queue a request; returns its stream of Deltas. Must be called on the event loop."""
-        model = self._require_ready()
-        if not req.prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if len(req.prompt) + req.max_tokens > self.config.n_ctx_per_seq:
-            raise ContextOverflow(
-                f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the "
-                f"context of {self.config.n_ctx_per_seq} tokens",
-                param="max_tokens",
-            )
-        n_vocab = model.n_vocab
-        if any(t < 0 or t >= n_vocab for t in req.prompt):
-            raise InvalidRequest(f"the prompt holds a token id outside [0, {n_vocab})", param="prompt")
+    def submit(
+        self, req: GenerationRequest, *, loop: asyncio.AbstractEventLoop | None = None
+    ) -> RequestStream:
+        """Queue a request; returns its stream of Deltas. Called on the event loop that reads
+        the stream, or with the `loop` (any object with call_soon_threadsafe) that takes the
+        engine's output."""
+        self._check_request(req)
         stream = RequestStream(req.id, self.abort)
         seq = _Seq(
-            req=req, stream=stream, loop=asyncio.get_running_loop(), t_submitted=time.perf_counter()
+            req=req,
+            stream=stream,
+            loop=loop or asyncio.get_running_loop(),
+            t_submitted=time.perf_counter(),
         )
         with self._cond:
             if self._n_queued >= self.config.max_queue:
@@ -278,41 +187,21 @@ class Engine:
             self._cond.notify()
         return stream
 
-    def _require_embedder(self) -> LlamaModel:
-        self._require_ready()
-        assert self.embedding_model is not None
-        return self.embedding_model
-
-    @property
-    def embedding_size(self) -> int:
-        """Components of an embedding vector (before `dimensions`)."""
-        return self._require_embedder().n_embd_out
-
-    def tokenize_for_embedding(self, text: str) -> list[int]:
-        """Tokenize with the embedding model's vocabulary, with its special tokens (BOS...)."""
-        return self._require_embedder().tokenize(text, add_special=True, parse_special=True)
-
-    def check_embedding_input(self, tokens: Sequence[int], *, param: str) -> None:
-        """Raise if `tokens` cannot be embedded: empty, a token id outside the vocabulary, or
-        longer than the embedding context (never truncated)."""
-        model = self._require_embedder()
-        if not tokens:
-            raise InvalidRequest(f"{param} is empty", param=param)
-        if any(t < 0 or t >= model.n_vocab for t in tokens):
-            raise InvalidRequest(f"{param} holds a token id outside [0, {model.n_vocab})", param=param)
-        if len(tokens) > self.embedding_max_tokens:
-            raise ContextOverflow(
-                f"{param} has {len(tokens)} tokens; this server embeds at most "
-                f"{self.embedding_max_tokens} tokens per input",
-                param=param,
-            )
-
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
-        """Embed every input of `req` (checked with check_embedding_input). Must be awaited on
-        the event loop; cancelling the await (client gone) drops the inputs not yet computed."""
         self._require_embedder()
         loop = asyncio.get_running_loop()
-        job = EmbeddingJob(req, loop.create_future(), loop)
+        future: asyncio.Future[EmbeddingResult] = loop.create_future()
+        self.submit_embedding(req, future, loop)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abort(req.id)
+            raise
+
+    def submit_embedding(self, req: EmbeddingRequest, future: Any, loop: Any) -> None:
+        """Queue an embedding job; its outcome is handed over with
+        `loop.call_soon_threadsafe(embedder._set_outcome, future, outcome)`."""
+        job = EmbeddingJob(req, future, loop)
         with self._cond:
             if self._n_embed_jobs >= self.config.max_queue:
                 raise Overloaded(
@@ -322,11 +211,6 @@ class Engine:
             self._n_embed_jobs += 1
             self._embed_inbox.append(job)
             self._cond.notify()
-        try:
-            return await job.future
-        except asyncio.CancelledError:
-            self.abort(req.id)
-            raise
 
     def _embedding_finished(self, _job: EmbeddingJob) -> None:
         with self._cond:

@@ -7,7 +7,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from cria.api.app import create_app
-from cria.engine.engine import Engine, EngineConfig
+from cria.engine.base import EngineConfig
+from cria.engine.engine import Engine
 from cria.engine.llama import LlamaModel
 from cria.engine.types import FinishReason, Timings, Usage
 from cria.models.spec import CHATML_TEMPLATE, ModelSpec

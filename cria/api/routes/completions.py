@@ -25,7 +25,7 @@ from cria.api.generate import (
 from cria.api.lifecycle import ClientGone, read_json, unless_disconnected
 from cria.api.sse import SSEResponse
 from cria.api.state import state_of
-from cria.engine.engine import Engine
+from cria.engine.base import EngineBase
 from cria.engine.types import GenerationRequest, TokenLogprob, Usage
 from cria.errors import InvalidRequest
 
@@ -43,7 +43,7 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _tokenize_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
+def _tokenize_prompts(engine: EngineBase, prompt: Any) -> list[list[int]]:
     out: list[list[int]] = []
     for p in _prompt_list(prompt):
         tokens = engine.tokenize(p) if isinstance(p, str) else list(p)
@@ -55,7 +55,7 @@ def _tokenize_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
     return out
 
 
-def _fim_prompts(engine: Engine, prompt: Any, suffix: str) -> list[list[int]]:
+def _fim_prompts(engine: EngineBase, prompt: Any, suffix: str) -> list[list[int]]:
     """Fill-in-the-middle prompts (prefix-suffix-middle order): the model writes what goes
     between each prompt and `suffix`."""
     fim = engine.fim_tokens()

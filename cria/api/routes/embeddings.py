@@ -12,7 +12,7 @@ from cria.api import protocol, strict
 from cria.api.generate import new_id
 from cria.api.lifecycle import ClientGone, read_json, unless_disconnected
 from cria.api.state import state_of
-from cria.engine.engine import Engine
+from cria.engine.base import EngineBase
 from cria.engine.types import EmbeddingRequest
 from cria.errors import InvalidRequest
 
@@ -36,7 +36,7 @@ def _named_inputs(raw: Any) -> list[tuple[str, str | list[int]]]:
     return [(f"input[{i}]", item) for i, item in enumerate(raw)]
 
 
-def _tokenize_inputs(engine: Engine, raw: Any) -> tuple[tuple[int, ...], ...]:
+def _tokenize_inputs(engine: EngineBase, raw: Any) -> tuple[tuple[int, ...], ...]:
     out: list[tuple[int, ...]] = []
     for param, item in _named_inputs(raw):
         if isinstance(item, str):

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from cria.api.state import state_of
-from cria.engine.engine import EngineState
+from cria.engine.base import EngineState
 
 router = APIRouter()
 

@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cria.api.state import state_of
-from cria.engine.engine import EngineState
+from cria.engine.base import EngineState
 from cria.telemetry.metrics import CONTENT_TYPE
 
 router = APIRouter()
