@@ -109,9 +109,11 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
 
     from cria.api.app import create_app
-    from cria.engine.base import EngineConfig
+    from cria.engine.base import EngineBase, EngineConfig
     from cria.engine.engine import Engine
     from cria.engine.llama import LlamaModel, library_version, supports_gpu_offload
+    from cria.engine.remote import RemoteEngine
+    from cria.engine.worker import WorkerSpec
 
     gpu_offload = settings.wants_gpu and supports_gpu_offload()
     if settings.wants_gpu and not gpu_offload:
@@ -122,22 +124,39 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
             "llama-cpp-python==%s",
             library_version(),
         )
-    engine = Engine(
-        lambda: LlamaModel(spec.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap),
-        EngineConfig(
-            n_ctx_per_seq=settings.context_size,
-            n_slots=settings.parallel,
-            n_batch=max(settings.batch_size, settings.parallel),
-            n_threads=settings.threads,
-            max_queue=settings.max_queue,
-            prompt_cache_bytes=settings.prompt_cache_mib * 1024 * 1024,
-            overlap_text=settings.overlap_output == "on"
-            or (settings.overlap_output == "auto" and gpu_offload and settings.n_gpu_layers > 0),
-        ),
-        load_embedding_model=None if embedding_spec is None else lambda: LlamaModel(
-            embedding_spec.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap
-        ),
+    on_gpu = gpu_offload and settings.n_gpu_layers > 0
+    config = EngineConfig(
+        n_ctx_per_seq=settings.context_size,
+        n_slots=settings.parallel,
+        n_batch=max(settings.batch_size, settings.parallel),
+        n_threads=settings.threads,
+        max_queue=settings.max_queue,
+        prompt_cache_bytes=settings.prompt_cache_mib * 1024 * 1024,
+        overlap_text=settings.overlap_output == "on" or (settings.overlap_output == "auto" and on_gpu),
     )
+    embedding_path = None if embedding_spec is None else embedding_spec.path
+    engine: EngineBase
+    if settings.engine_process == "on" or (settings.engine_process == "auto" and on_gpu):
+        engine = RemoteEngine(
+            WorkerSpec(
+                model=spec.path,
+                n_gpu_layers=settings.n_gpu_layers,
+                use_mmap=settings.prefer_mmap,
+                config=config,
+                embedding_model=embedding_path,
+                log_level=settings.log_level,
+                log_format=settings.log_format,
+                switch_interval=sys.getswitchinterval(),
+            )
+        )
+    else:
+        engine = Engine(
+            lambda: LlamaModel(spec.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap),
+            config,
+            load_embedding_model=None if embedding_path is None else lambda: LlamaModel(
+                embedding_path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap
+            ),
+        )
     app = create_app(settings, spec, engine, embedding_spec=embedding_spec)
     log.info("serving %s (%s) on http://%s:%d", spec.id, spec.path, settings.host, settings.port)
     if embedding_spec is not None:

@@ -151,6 +151,13 @@ class Settings(BaseSettings):
         "to a GPU, where llama_decode returns before the GPU has finished; off on the CPU, where "
         "it would delay every token by one step.",
     )
+    engine_process: str = _opt(
+        "--engine-process",
+        default="auto",
+        help="Run the engine in a process of its own, so that it never waits for the GIL while "
+        "the HTTP side writes responses: auto, on or off. auto: on when layers are offloaded to "
+        "a GPU.",
+    )
     lenient: bool = _opt(
         "--lenient",
         default=False,
@@ -187,9 +194,9 @@ class Settings(BaseSettings):
             raise ValueError("must be text or json")
         return value
 
-    @field_validator("overlap_output")
+    @field_validator("overlap_output", "engine_process")
     @classmethod
-    def _check_overlap(cls, value: str) -> str:
+    def _check_auto_on_off(cls, value: str) -> str:
         value = value.strip().lower()
         if value not in {"auto", "on", "off"}:
             raise ValueError("must be auto, on or off")

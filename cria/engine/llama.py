@@ -75,10 +75,15 @@ class LlamaError(RuntimeError):
 
 
 class LlamaModel:
-    def __init__(self, path: Path, *, n_gpu_layers: int, use_mmap: bool) -> None:
+    def __init__(
+        self, path: Path, *, n_gpu_layers: int, use_mmap: bool, vocab_only: bool = False
+    ) -> None:
+        """`vocab_only`: metadata and vocabulary, no weights (tokenizing beside an engine that
+        runs in another process)."""
         init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
         # llama.h's load_mode (this version has no use_mmap): MMAP = 1, NONE = 0 (read).
         params.load_mode = 1 if use_mmap else 0
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)

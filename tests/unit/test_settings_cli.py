@@ -43,6 +43,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "log_format": ("JSON", "json"),
     "lenient": ("true", True),
     "overlap_output": ("ON", "on"),
+    "engine_process": ("Off", "off"),
 }
 
 # The original options are a contract: their flags must not change.
@@ -77,6 +78,7 @@ BAD: list[tuple[str, str]] = [
     ("log_level", "loud"),
     ("log_format", "xml"),
     ("overlap_output", "sometimes"),
+    ("engine_process", "yes"),
     ("zipkin_endpoint", "ftp://zipkin"),
     ("model_architecture", "   "),
 ]

@@ -1,0 +1,287 @@
+"""RemoteEngine: the engine in a child process (`--engine-process`), behind the Engine interface.
+
+In one process the engine thread and the event loop share the GIL: after every llama_decode the
+engine waits for the interpreter while the event loop encodes and writes the streams' chunks. On a
+GPU, where a step of 64 sequences takes a few milliseconds, that wait decides the throughput. Here
+the engine runs in its own interpreter (worker.py) and this process keeps only what the HTTP side
+needs: the vocabulary (a vocab-only model: tokenize, detokenize, grammar checks), the request
+checks, and one reader thread that takes each step's output off the pipe and hands it to the
+event loop in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from cria.engine.base import EngineBase, EngineState, StepObserver
+from cria.engine.embedder import _set_outcome
+from cria.engine.engine import _deliver
+from cria.engine.llama import LlamaModel
+from cria.engine.stream import RequestStream
+from cria.engine.types import (
+    Delta,
+    EmbeddingRequest,
+    EmbeddingResult,
+    EngineStats,
+    GenerationRequest,
+)
+from cria.engine.worker import WorkerSpec, unpack
+from cria.errors import CriaError, EngineUnavailable, Overloaded
+
+log = logging.getLogger(__name__)
+
+STATS_TIMEOUT_S = 2.0
+
+
+class RemoteEngine(EngineBase):
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.config = spec.config
+        self._spec = spec
+        self.model: LlamaModel | None = None
+        self.embedding_model: LlamaModel | None = None
+        self.embedding_max_tokens = 0
+        self._embedding_size = 0
+        self._failure: str | None = None
+        self._state = EngineState.LOADING
+        self._ready = threading.Event()
+        self._is_stopping = False
+        self._observer: StepObserver | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._reader = threading.Thread(target=self._read, name="cria-engine-reader", daemon=True)
+        # Guarded by _lock: sending, and the tables the reader thread also uses.
+        self._lock = threading.Lock()
+        self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
+        self._jobs: dict[str, tuple[asyncio.Future[EmbeddingResult], asyncio.AbstractEventLoop]] = {}
+        self._stats_calls: dict[int, list[Any]] = {}  # call id -> [Event, EngineStats | None]
+        self._call_ids = itertools.count()
+        # The engine's queue as last reported, plus requests sent since: what submit() bounds.
+        self._n_waiting_reported = 0
+        self._n_sent_since_report = 0
+        self._last_stats = EngineStats(
+            n_steps=0,
+            max_seqs_per_step=0,
+            n_running=0,
+            n_waiting=0,
+            n_slots=self.config.n_slots,
+            n_slots_free=self.config.n_slots,
+            n_kv_total_cells=self.config.n_slots * self.config.n_ctx_per_seq,
+        )
+
+    # ---- life cycle ----
+
+    def set_observer(self, observer: StepObserver | None) -> None:
+        self._observer = observer
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "cria.engine.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+            )
+        self._conn = Connection(ours.detach())
+        self._conn.send(self._spec)
+        self._reader.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._is_stopping = True
+        self._send(("stop",))
+        process = self._process
+        if process is not None:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._conn is not None:
+            self._conn.close()
+        if self._reader.is_alive():
+            self._reader.join(timeout)
+
+    @property
+    def embedding_size(self) -> int:
+        self._require_embedder()
+        return self._embedding_size
+
+    # ---- requests ----
+
+    def submit(self, req: GenerationRequest) -> RequestStream:
+        self._check_request(req)
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(req.id, self.abort)
+        with self._lock:
+            n_waiting = self._n_waiting_reported + self._n_sent_since_report
+            if n_waiting >= self.config.max_queue:
+                raise Overloaded(f"the server is busy: {n_waiting} requests are waiting; retry later")
+            self._streams[req.id] = (stream, loop)
+            self._n_sent_since_report += 1
+            self._send_locked(("submit", req))
+        return stream
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
+        self._require_embedder()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[EmbeddingResult] = loop.create_future()
+        with self._lock:
+            if len(self._jobs) >= self.config.max_queue:
+                raise Overloaded(
+                    f"the server is busy: {len(self._jobs)} embedding requests are queued; "
+                    "retry later"
+                )
+            self._jobs[req.id] = (future, loop)
+            self._send_locked(("embed", req))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abort(req.id)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._jobs.pop(request_id, None)
+            self._send_locked(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """A fresh snapshot from the engine process (a round trip of well under a millisecond),
+        or the last one if it does not answer."""
+        if self._state is not EngineState.READY:
+            return self._last_stats
+        done = threading.Event()
+        call: list[Any] = [done, None]
+        with self._lock:
+            call_id = next(self._call_ids)
+            self._stats_calls[call_id] = call
+            self._send_locked(("stats", call_id))
+        done.wait(STATS_TIMEOUT_S)
+        with self._lock:
+            self._stats_calls.pop(call_id, None)
+        if isinstance(call[1], EngineStats):
+            self._last_stats = call[1]
+        return self._last_stats
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._send_locked(message)
+
+    def _send_locked(self, message: tuple[Any, ...]) -> None:
+        if self._conn is None or self._state is EngineState.DEAD:
+            if message[0] in ("submit", "embed"):
+                raise EngineUnavailable(f"the engine is not running: {self._failure or 'stopped'}")
+            return
+        try:
+            self._conn.send(message)
+        except OSError as exc:
+            if message[0] in ("submit", "embed"):
+                raise EngineUnavailable("the engine process is gone") from exc
+
+    # ---- the reader thread ----
+
+    def _read(self) -> None:
+        assert self._conn is not None
+        why = "the engine process exited"
+        try:
+            # The vocabulary, for tokenizing here (no weights: a few MiB).
+            spec = self._spec
+            self.model = LlamaModel(spec.model, n_gpu_layers=0, use_mmap=True, vocab_only=True)
+            self.embedding_model = self.model
+            if spec.embedding_model is not None:
+                self.embedding_model = LlamaModel(
+                    spec.embedding_model, n_gpu_layers=0, use_mmap=True, vocab_only=True
+                )
+            while True:
+                message = self._conn.recv()
+                kind = message[0]
+                if kind == "out":
+                    self._on_output(message[1], message[2], message[3])
+                elif kind == "embedded":
+                    with self._lock:
+                        job = self._jobs.pop(message[1], None)
+                    if job is not None:
+                        _call(job[1], _set_outcome, job[0], message[2])
+                elif kind == "stats":
+                    with self._lock:
+                        call = self._stats_calls.get(message[1])
+                    if call is not None:
+                        call[1] = message[2]
+                        call[0].set()
+                elif kind == "ready":
+                    self.embedding_max_tokens = message[1]
+                    self._embedding_size = message[2]  # a vocab-only model does not know it
+                    self._state = EngineState.READY
+                    self._ready.set()
+                    log.info("engine process %d ready", self._process.pid if self._process else -1)
+                elif kind == "dead":
+                    why = message[1]
+                    break
+        except (EOFError, OSError):
+            if self._process is not None and self._process.poll() is not None:
+                why = f"the engine process exited with code {self._process.returncode}"
+        except Exception as exc:
+            log.exception("the engine reader failed")
+            why = f"the engine reader failed: {exc!r}"
+        self._die(why)
+
+    def _on_output(
+        self, items: list[tuple[Any, ...]], steps: list[tuple[float, int]], n_waiting: int
+    ) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Delta | CriaError]]] = {}
+        with self._lock:
+            self._n_waiting_reported = n_waiting
+            self._n_sent_since_report = 0
+            for packed in items:
+                request_id, item = unpack(packed)
+                entry = self._streams.get(request_id)
+                if entry is None:  # aborted meanwhile
+                    continue
+                if isinstance(item, CriaError) or item.finish_reason is not None:
+                    del self._streams[request_id]
+                by_loop.setdefault(entry[1], []).append((entry[0], item))
+        for loop, pairs in by_loop.items():
+            _call(loop, _deliver, pairs)
+        observer = self._observer
+        if observer is not None:
+            for seconds, n_seqs in steps:
+                observer.observe_step(seconds, n_seqs)
+
+    def _die(self, why: str) -> None:
+        self._failure = why
+        self._state = EngineState.DEAD
+        self._ready.set()
+        if not self._is_stopping:
+            log.error("%s", why)
+            if self._process is not None and self._process.poll() is None:
+                self._process.kill()  # e.g. the reader failed: do not leave it running
+        error = EngineUnavailable(f"the engine stopped: {why}")
+        with self._lock:
+            streams, self._streams = self._streams, {}
+            jobs, self._jobs = self._jobs, {}
+            for call in self._stats_calls.values():
+                call[0].set()
+        for stream, loop in streams.values():
+            _call(loop, _deliver, [(stream, error)])
+        for future, loop in jobs.values():
+            _call(loop, _set_outcome, future, error)
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass

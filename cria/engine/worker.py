@@ -1,0 +1,162 @@
+"""The engine's own process (`--engine-process`): `python -m cria.engine.worker FD`.
+
+The HTTP process (remote.py) starts it with one end of a socket pair and sends a WorkerSpec
+first. This process runs the ordinary Engine; its main thread reads requests from the pipe, and
+what the engine hands over after each step goes back down the pipe in one message. The engine
+thread then shares the GIL only with this mostly idle main thread, never with the event loop
+that writes the HTTP responses.
+
+    to the engine:   ("submit", GenerationRequest) ("embed", EmbeddingRequest) ("abort", id)
+                     ("stats", call id) ("stop",)
+    from the engine: ("ready", embedding_max_tokens, embedding size) ("dead", why)
+                     ("out", [(request id, Delta | CriaError) or (request id, text, n_tokens)],
+                             [(step seconds, n_seqs)], n_waiting)
+                     ("embedded", request id, EmbeddingResult | CriaError) ("stats", call id, EngineStats)
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from cria.engine import llama as _llama  # noqa: F401 - llama.cpp before numpy (see __init__)
+from cria.engine.base import EngineConfig, EngineState
+from cria.engine.embedder import _set_outcome
+from cria.engine.engine import Engine, _deliver
+from cria.engine.llama import LlamaModel
+from cria.engine.types import Delta
+from cria.errors import CriaError
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything the engine process needs to build its Engine."""
+
+    model: Path
+    n_gpu_layers: int
+    use_mmap: bool
+    config: EngineConfig
+    embedding_model: Path | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    switch_interval: float = 0.0005
+
+
+class Outlet:
+    """Stands in for the event loop the engine hands its output to: each hand-off (one per step)
+    becomes one message on the pipe. Also the engine's step observer, whose observations ride
+    along with the next message."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()  # the engine thread and the main thread both send
+        self._steps: list[tuple[float, int]] = []
+        self.engine: Engine | None = None
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+    def observe_step(self, seconds: float, n_seqs: int) -> None:
+        self._steps.append((seconds, n_seqs))
+
+    def call_soon_threadsafe(self, fn: Any, *args: Any) -> None:
+        try:
+            if fn is _deliver:
+                (items,) = args
+                steps, self._steps = self._steps, []
+                n_waiting = self.engine._n_queued if self.engine is not None else 0
+                self.send(("out", [_pack(s.request_id, item) for s, item in items], steps, n_waiting))
+            elif fn is _set_outcome:
+                job_id, outcome = args
+                self.send(("embedded", job_id, outcome))
+            else:
+                raise TypeError(f"unexpected hand-off {fn!r}")
+        except OSError as exc:  # the HTTP process is gone: as if its event loop were closed
+            raise RuntimeError("the server process is gone") from exc
+
+
+def _pack(request_id: str, item: Delta | CriaError) -> tuple[Any, ...]:
+    """A plain Delta (text only, the common case) as (id, text, n_tokens): pickling the
+    dataclass costs ~30x more, and a step hands over one per running sequence."""
+    if (
+        isinstance(item, Delta)
+        and item.finish_reason is None
+        and not item.logprobs
+        and item.prompt_logprobs is None
+    ):
+        return (request_id, item.text, item.n_tokens)
+    return (request_id, item)
+
+
+def unpack(packed: tuple[Any, ...]) -> tuple[str, Delta | CriaError]:
+    if len(packed) == 3:
+        return packed[0], Delta(packed[1], packed[2])
+    return packed[0], packed[1]
+
+
+def main(fd: int) -> int:
+    conn = Connection(fd)
+    spec: WorkerSpec = conn.recv()
+    from cria.telemetry.logs import configure_logging
+
+    configure_logging(spec.log_level, spec.log_format)
+    sys.setswitchinterval(spec.switch_interval)
+    outlet = Outlet(conn)
+    embedding_model = spec.embedding_model
+    engine = Engine(
+        lambda: LlamaModel(spec.model, n_gpu_layers=spec.n_gpu_layers, use_mmap=spec.use_mmap),
+        spec.config,
+        load_embedding_model=None if embedding_model is None else lambda: LlamaModel(
+            embedding_model, n_gpu_layers=spec.n_gpu_layers, use_mmap=spec.use_mmap
+        ),
+    )
+    outlet.engine = engine
+    engine.set_observer(outlet)
+    engine.start()
+    engine.wait_ready()
+    if engine.state is not EngineState.READY:
+        outlet.send(("dead", engine.failure or "the engine did not start"))
+        return 1
+    assert engine.embedding_model is not None
+    outlet.send(("ready", engine.embedding_max_tokens, engine.embedding_model.n_embd_out))
+    try:
+        while True:
+            if not conn.poll(0.5):
+                if engine.state is not EngineState.READY:  # the engine loop died: say so, go
+                    outlet.send(("dead", engine.failure or "the engine stopped"))
+                    break
+                continue
+            message = conn.recv()
+            kind = message[0]
+            if kind == "submit":
+                req = message[1]
+                try:
+                    engine.submit(req, loop=outlet)  # type: ignore[arg-type]
+                except CriaError as exc:  # e.g. the queue filled up since the server checked
+                    outlet.send(("out", [(req.id, exc)], [], 0))
+            elif kind == "abort":
+                engine.abort(message[1])
+            elif kind == "embed":
+                ereq = message[1]
+                try:
+                    engine.submit_embedding(ereq, ereq.id, outlet)
+                except CriaError as exc:
+                    outlet.send(("embedded", ereq.id, exc))
+            elif kind == "stats":
+                outlet.send(("stats", message[1], engine.stats()))
+            elif kind == "stop":
+                break
+    except (EOFError, OSError):  # the server process is gone
+        pass
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))

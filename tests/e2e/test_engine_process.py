@@ -1,0 +1,175 @@
+"""--engine-process on: the engine runs in a child process; the HTTP side talks to it by a pipe.
+
+`auto` turns it on with GPU offload; here on the CPU it is forced on. What a client sees must be
+what the in-process engine gives; a dead engine process must give 503s, never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import MODEL_ID, Server, start_server, stop_server
+
+
+def engine_pid(server: Server) -> int:
+    """The engine process: the server's one child running cria.engine.worker."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(server.process.pid)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    pids = [int(line.split()[0]) for line in out.splitlines() if "cria.engine.worker" in line]
+    assert len(pids) == 1, out
+    return pids[0]
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(
+        tmp_path_factory.mktemp("engine-process"), "--parallel", "4", "--engine-process", "on"
+    )
+    yield srv
+    child = engine_pid(srv)
+    stop_server(srv)
+    assert srv.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    deadline = time.monotonic() + 10
+    while is_running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_running(child), "the engine process outlived the server"
+    log = srv.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log[-4000:]
+
+
+def fresh(prompt: str) -> str:
+    return f"[{uuid.uuid4().hex[:8]}] {prompt}"
+
+
+def post(server: Server, path: str, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(server.v1 + path, json={"model": MODEL_ID, **body}, timeout=120)
+
+
+def test_runs_in_a_child_process(remote: Server) -> None:
+    assert engine_pid(remote) != remote.process.pid
+    assert remote.health()["status"] == "ok"
+
+
+def test_same_output_as_the_in_process_engine(server: Server, remote: Server) -> None:
+    for body in [
+        {"prompt": fresh("Once upon a time"), "max_tokens": 20, "temperature": 0, "ignore_eos": True},
+        {"prompt": fresh("Count: one, two,"), "max_tokens": 10, "temperature": 0, "logprobs": 2, "stop": [","]},
+        {"prompt": fresh("Name a colour."), "max_tokens": 0, "echo": True, "logprobs": 1},
+        {"prompt": fresh("A list:"), "max_tokens": 12, "temperature": 0.8, "seed": 7, "n": 2},
+    ]:
+        a, b = post(server, "/completions", body), post(remote, "/completions", body)
+        assert a.status_code == b.status_code == 200, (a.text, b.text)
+        ja, jb = a.json(), b.json()
+        assert [(c["text"], c["finish_reason"], c["logprobs"]) for c in jb["choices"]] == [
+            (c["text"], c["finish_reason"], c["logprobs"]) for c in ja["choices"]
+        ]
+        assert jb["usage"] == ja["usage"]
+
+
+def test_streams_chat_and_embeddings(remote: Server) -> None:
+    client = openai.OpenAI(base_url=remote.v1, api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": fresh("Say something.")}]
+    whole = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=16, temperature=0)  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(
+        model=MODEL_ID, messages=messages, max_tokens=16, temperature=0, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+    emb = client.embeddings.create(model=MODEL_ID, input=["one", "two three"], dimensions=32)
+    assert [len(d.embedding) for d in emb.data] == [32, 32]
+    r = httpx.post(remote.base_url + "/tokenize", json={"content": "hello world"}, timeout=10)
+    assert r.status_code == 200 and r.json()["count"] > 0
+
+
+def test_bad_input_is_refused_by_the_http_side(remote: Server) -> None:
+    r = post(remote, "/completions", {"prompt": [999999], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = post(remote, "/completions", {"prompt": "x", "max_tokens": 10_000_000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_concurrency_cancellation_and_metrics(remote: Server) -> None:
+    long = {"model": MODEL_ID, "prompt": fresh("Tell a long story"), "max_tokens": 300,
+            "ignore_eos": True, "stream": True}
+    for _ in range(2):  # clients that leave mid-stream
+        with httpx.stream("POST", remote.v1 + "/completions", json=long, timeout=60) as r:
+            for n, _line in enumerate(r.iter_lines()):
+                if n > 4:
+                    break
+    bodies = [{"prompt": fresh(f"Item {i}:"), "max_tokens": 6 + i, "ignore_eos": True} for i in range(10)]
+    with ThreadPoolExecutor(10) as pool:
+        outs = list(pool.map(lambda b: post(remote, "/completions", b), bodies))
+    assert [o.json()["usage"]["completion_tokens"] for o in outs] == [6 + i for i in range(10)]
+    stats = remote.wait_idle()
+    assert stats["n_slots_free"] == stats["n_slots"] == 4
+    assert stats["max_seqs_per_step"] > 1  # still batched across requests
+    metrics = httpx.get(remote.base_url + "/metrics", timeout=10).text
+    steps = [line for line in metrics.splitlines() if line.startswith("cria_decode_step_seconds_count")]
+    assert steps and float(steps[0].split()[-1]) > 0  # step observations cross the pipe
+
+
+def test_queue_limit_gives_429(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--parallel", "1", "--max-queue", "1", "--engine-process", "on")
+    try:
+        body = {"model": MODEL_ID, "prompt": "Go on:", "max_tokens": 200, "ignore_eos": True}
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: httpx.post(srv.v1 + "/completions", json=body, timeout=120), range(6)))
+        statuses = sorted(r.status_code for r in codes)
+        assert 429 in statuses and 200 in statuses, statuses
+        for r in codes:
+            if r.status_code == 429:
+                assert r.json()["error"]["type"] == "rate_limit_error"
+        stats = srv.wait_idle()
+        assert stats["n_slots_free"] == 1
+    finally:
+        stop_server(srv)
+
+
+def test_a_dead_engine_process_gives_503_not_a_hang(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--parallel", "2", "--engine-process", "on")
+    try:
+        body = {"model": MODEL_ID, "prompt": "Go on:", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.v1 + "/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(engine_pid(srv), signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        events = [json.loads(line[6:]) for line in rest if line != "data: [DONE]"]
+        assert any("error" in e for e in events), rest[-3:]
+        deadline = time.monotonic() + 10
+        while srv.health().get("status") == "ok" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(srv.base_url + "/health", timeout=10)
+        assert health.status_code == 503 and "exited" in health.json()["error"]
+        r = httpx.post(srv.v1 + "/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    finally:
+        srv.process.terminate()
+        srv.process.wait(timeout=15)
+        srv.log_file.close()
