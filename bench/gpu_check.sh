@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (issue 3 §4): Cria on a synthetic 1.17B Llama (Q4_K_M) fully offloaded, at 1, 16 and
-# 64 streams: the engine alone (bench/engine_overhead.py) and the whole server over HTTP
-# (bench/loadgen.py). Run from the repository root on the GPU machine, with ../shared/gpu copied
+# 64 streams: the engine alone (bench/engine_overhead.py, with and without --overlap) and the
+# whole server over HTTP (bench/loadgen.py; --engine-process and --overlap-output at auto, i.e.
+# on, then each turned off at 64 streams). Run from the repository root on the GPU machine, with ../shared/gpu copied
 # into .gpu/ (plus the wheels of Cria's pure-Python dependencies). Results go to $OUT.
 #   SKIP_INSTALL=1 QUICK=1 bash bench/gpu_check.sh    # a dry run on the CPU with a tiny model
 set -euo pipefail
@@ -51,15 +52,20 @@ done
 $PY -c "import httpx,json; print(json.dumps(httpx.get('http://127.0.0.1:$PORT/health').json()))" > "$OUT/health.json" || true
 cat "$OUT/health.json"
 kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
-# The same server with --overlap-output off (auto turns it on with layers on the GPU).
-$PY -m cria --model /tmp/m.gguf --use-gpu --gpu-layers $NGL --parallel 64 --context-size 1024 \
-  --host 127.0.0.1 --port $PORT --log-level warning --overlap-output off > "$OUT/server-off.log" 2>&1 &
-SERVER=$!
-for i in $(seq 1 120); do
-  $PY -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && break
-  sleep 0.5
-done
+# The same server without the engine process, then without the overlap either (the second
+# session's configuration), at the most streams: what each of the two changes brings.
 s=${STREAMS[-1]}
-$PY bench/loadgen.py --base-url http://127.0.0.1:$PORT/v1 --endpoint completions -c "$s" -n $((s * 2)) \
-  --max-tokens 128 --json "$OUT/http-off-$s.json" > "$OUT/http-off-$s.txt" 2>&1 || true
-echo "--overlap-output off, $s streams:"; grep -E "aggregate|TTFT|ITL|errors" "$OUT/http-off-$s.txt" || tail -3 "$OUT/http-off-$s.txt"
+for variant in "--engine-process off" "--engine-process off --overlap-output off"; do
+  tag=$(echo "$variant" | tr -d ' -' | sed 's/engineprocess/ep-/; s/overlapoutput/-ov-/')
+  $PY -m cria --model /tmp/m.gguf --use-gpu --gpu-layers $NGL --parallel 64 --context-size 1024 \
+    --host 127.0.0.1 --port $PORT --log-level warning $variant > "$OUT/server-$tag.log" 2>&1 &
+  SERVER=$!
+  for i in $(seq 1 120); do
+    $PY -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health').status_code != 200)" 2>/dev/null && break
+    sleep 0.5
+  done
+  $PY bench/loadgen.py --base-url http://127.0.0.1:$PORT/v1 --endpoint completions -c "$s" -n $((s * 2)) \
+    --max-tokens 128 --json "$OUT/http-$tag-$s.json" > "$OUT/http-$tag-$s.txt" 2>&1 || true
+  echo "$variant, $s streams:"; grep -E "aggregate|TTFT|ITL|errors" "$OUT/http-$tag-$s.txt" || tail -3 "$OUT/http-$tag-$s.txt"
+  kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true
+done
