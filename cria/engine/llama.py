@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import numpy as np
 
+from cria.engine._bindings import llama_cpp
 from cria.engine.sampling import SamplerStep
 
 log = logging.getLogger("cria.llama")
@@ -67,7 +67,7 @@ def supports_gpu_offload() -> bool:
 
 
 def library_version() -> str:
-    return str(getattr(llama_cpp, "__version__", "unknown"))
+    return str(getattr(llama_cpp, "__version__", None) or "unknown")
 
 
 class LlamaError(RuntimeError):
@@ -465,7 +465,7 @@ class SamplerChain:
             n = len(a) // 2
             arr = (llama_cpp.llama_logit_bias * n)()
             for i in range(n):
-                arr[i].token = int(a[2 * i])  # type: ignore[assignment]
+                arr[i].token = int(a[2 * i])
                 arr[i].bias = float(a[2 * i + 1])
             return llama_cpp.llama_sampler_init_logit_bias(n_vocab, n, arr)
         if step.kind == "penalties":
