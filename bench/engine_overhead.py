@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from cria.cli import GIL_SWITCH_INTERVAL_S
 from cria.engine.base import EngineConfig
 from cria.engine.engine import Engine
 from cria.engine.llama import LlamaModel
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--overlap", action="store_true", help="overlap each step's text work with the next decode")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as `cria` sets it
     engine = Engine(
         lambda: LlamaModel(args.model, n_gpu_layers=args.gpu_layers, use_mmap=True),
         EngineConfig(n_ctx_per_seq=512, n_slots=args.streams, n_batch=max(512, args.streams),

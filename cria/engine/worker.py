@@ -16,6 +16,7 @@ that writes the HTTP responses.
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -100,6 +101,11 @@ def unpack(packed: tuple[Any, ...]) -> tuple[str, Delta | CriaError]:
 
 
 def main(fd: int) -> int:
+    # The server process decides when this one ends (a "stop" message, or the pipe closing when
+    # it exits): Ctrl-C in a terminal or a service manager's SIGTERM reach the whole process
+    # group, and must not end the engine under the requests the server is still finishing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     spec: WorkerSpec = conn.recv()
     from cria.telemetry.logs import configure_logging
