@@ -25,6 +25,7 @@ def _load() -> types.ModuleType:
         package = types.ModuleType("llama_cpp")
         package.__path__ = list(spec.submodule_search_locations)
         package.__file__ = spec.origin
+        package.__spec__ = spec
         sys.modules["llama_cpp"] = package
         try:
             bindings = importlib.import_module("llama_cpp.llama_cpp")

@@ -201,6 +201,7 @@ class Engine(EngineBase):
     def submit_embedding(self, req: EmbeddingRequest, future: Any, loop: Any) -> None:
         """Queue an embedding job; its outcome is handed over with
         `loop.call_soon_threadsafe(embedder._set_outcome, future, outcome)`."""
+        self._require_embedder()
         job = EmbeddingJob(req, future, loop)
         with self._cond:
             if self._n_embed_jobs >= self.config.max_queue:
@@ -286,21 +287,30 @@ class Engine(EngineBase):
         try:
             while self._take_inbox():
                 self.step()
+            owed, self._owed = self._owed, []
+            self._text(owed)  # the last step's text (overlap_text), while the model is there
         except BaseException as exc:  # a bug in the loop itself: fail everyone, stay visible
             log.exception("the engine loop died")
             self._failure = f"engine loop died: {exc!r}"
             self._state = EngineState.DEAD
-            for seq in [*self._running, *self._waiting, *self._inbox]:
+            for seq in self._unanswered():
                 self._emit(seq, EngineUnavailable("the engine stopped"))
             self._fail_embeddings(EngineUnavailable("the engine stopped"))
             self._flush()
             raise
         finally:
             self._close()
-        for seq in [*self._running, *self._waiting, *self._inbox]:
+        for seq in self._unanswered():
             self._emit(seq, EngineUnavailable("the server is shutting down"))
         self._fail_embeddings(EngineUnavailable("the server is shutting down"))
         self._flush()
+
+    def _unanswered(self) -> list[_Seq]:
+        """Requests whose stream has not had its last item: queued, running, or finished with
+        their last text still owed (overlap_text)."""
+        seqs = [*self._inbox, *self._waiting, *self._running, *(w[0] for w in self._owed)]
+        unique = {id(seq): seq for seq in seqs if not seq.is_closed}
+        return list(unique.values())
 
     def _start_embedder(self) -> None:
         """The embedding model (the chat model unless a dedicated one is given) and its
@@ -389,6 +399,8 @@ class Engine(EngineBase):
         """One engine step: admit, plan, decode, postprocess; then at most one embedding
         decode, when the pacer allows one (always while generation is idle)."""
         started = time.perf_counter()
+        if self._outbox and self._waiting and self._slots.n_free:
+            self._flush()  # admitting may save or restore KV states: hand the output over first
         self._admit()
         plan = plan_step(
             [SeqState(s.slot.id, s.n_prompt_left) for s in self._running if s.slot is not None],

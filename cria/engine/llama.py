@@ -84,6 +84,11 @@ class LlamaModel:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only
+        no_devices = (ctypes.c_void_p * 1)()  # NULL-terminated and empty
+        if vocab_only:
+            # No device at all: llama.cpp would otherwise query every GPU (creating a CUDA
+            # context, hundreds of MiB of GPU memory) before it notices there is nothing to load.
+            params.devices = ctypes.cast(no_devices, ctypes.c_void_p)
         # llama.h's load_mode (this version has no use_mmap): MMAP = 1, NONE = 0 (read).
         params.load_mode = 1 if use_mmap else 0
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)

@@ -38,7 +38,7 @@ from cria.errors import CriaError, EngineUnavailable, Overloaded
 
 log = logging.getLogger(__name__)
 
-STATS_TIMEOUT_S = 2.0
+STATS_TIMEOUT_S = 1.0
 
 
 class RemoteEngine(EngineBase):
@@ -57,15 +57,20 @@ class RemoteEngine(EngineBase):
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._reader = threading.Thread(target=self._read, name="cria-engine-reader", daemon=True)
-        # Guarded by _lock: sending, and the tables the reader thread also uses.
+        # _lock guards the tables the reader thread also uses and is never held across I/O;
+        # _send_lock orders the messages. The reader takes only _lock, so it always drains the
+        # pipe, and a send that waits for the engine process to read can never block it.
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._jobs: dict[str, tuple[asyncio.Future[EmbeddingResult], asyncio.AbstractEventLoop]] = {}
         self._stats_calls: dict[int, list[Any]] = {}  # call id -> [Event, EngineStats | None]
         self._call_ids = itertools.count()
-        # The engine's queue as last reported, plus requests sent since: what submit() bounds.
-        self._n_waiting_reported = 0
-        self._n_sent_since_report = 0
+        # What submit() bounds: the engine's queue as it last reported it, plus the requests
+        # sent that it had not received then.
+        self._n_sent = 0
+        self._n_queued_reported = 0
+        self._n_received_reported = 0
         self._last_stats = EngineStats(
             n_steps=0,
             max_seqs_per_step=0,
@@ -87,6 +92,7 @@ class RemoteEngine(EngineBase):
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "cria.engine.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # a terminal's Ctrl-C is for this process, which stops it
             )
         self._conn = Connection(ours.detach())
         self._conn.send(self._spec)
@@ -126,12 +132,19 @@ class RemoteEngine(EngineBase):
         loop = asyncio.get_running_loop()
         stream = RequestStream(req.id, self.abort)
         with self._lock:
-            n_waiting = self._n_waiting_reported + self._n_sent_since_report
+            n_waiting = self._n_queued_reported + self._n_sent - self._n_received_reported
             if n_waiting >= self.config.max_queue:
                 raise Overloaded(f"the server is busy: {n_waiting} requests are waiting; retry later")
+            # Registered before the send: its output may arrive as soon as the engine has it.
             self._streams[req.id] = (stream, loop)
-            self._n_sent_since_report += 1
-            self._send_locked(("submit", req))
+            self._n_sent += 1
+        try:
+            self._send(("submit", req))
+        except BaseException:
+            with self._lock:
+                self._streams.pop(req.id, None)
+                self._n_sent -= 1
+            raise
         return stream
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
@@ -145,7 +158,12 @@ class RemoteEngine(EngineBase):
                     "retry later"
                 )
             self._jobs[req.id] = (future, loop)
-            self._send_locked(("embed", req))
+        try:
+            self._send(("embed", req))
+        except BaseException:
+            with self._lock:
+                self._jobs.pop(req.id, None)
+            raise
         try:
             return await future
         except asyncio.CancelledError:
@@ -156,7 +174,7 @@ class RemoteEngine(EngineBase):
         with self._lock:
             self._streams.pop(request_id, None)
             self._jobs.pop(request_id, None)
-            self._send_locked(("abort", request_id))
+        self._send(("abort", request_id))
 
     def stats(self) -> EngineStats:
         """A fresh snapshot from the engine process (a round trip of well under a millisecond),
@@ -168,28 +186,31 @@ class RemoteEngine(EngineBase):
         with self._lock:
             call_id = next(self._call_ids)
             self._stats_calls[call_id] = call
-            self._send_locked(("stats", call_id))
-        done.wait(STATS_TIMEOUT_S)
+        if self._send(("stats", call_id)):
+            done.wait(STATS_TIMEOUT_S)
         with self._lock:
             self._stats_calls.pop(call_id, None)
         if isinstance(call[1], EngineStats):
             self._last_stats = call[1]
         return self._last_stats
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._send_locked(message)
-
-    def _send_locked(self, message: tuple[Any, ...]) -> None:
-        if self._conn is None or self._state is EngineState.DEAD:
-            if message[0] in ("submit", "embed"):
+    def _send(self, message: tuple[Any, ...]) -> bool:
+        """Send a message to the engine process; False if it is gone. Requests (submit, embed)
+        raise EngineUnavailable instead."""
+        is_request = message[0] in ("submit", "embed")
+        conn = self._conn
+        if conn is None or self._state is EngineState.DEAD:
+            if is_request:
                 raise EngineUnavailable(f"the engine is not running: {self._failure or 'stopped'}")
-            return
+            return False
         try:
-            self._conn.send(message)
-        except OSError as exc:
-            if message[0] in ("submit", "embed"):
+            with self._send_lock:
+                conn.send(message)
+        except (OSError, ValueError) as exc:  # ValueError: the connection was closed
+            if is_request:
                 raise EngineUnavailable("the engine process is gone") from exc
+            return False
+        return True
 
     # ---- the reader thread ----
 
@@ -210,6 +231,8 @@ class RemoteEngine(EngineBase):
                 kind = message[0]
                 if kind == "out":
                     self._on_output(message[1], message[2], message[3])
+                elif kind == "queue":
+                    self._on_queue(message[1])
                 elif kind == "embedded":
                     with self._lock:
                         job = self._jobs.pop(message[1], None)
@@ -238,13 +261,16 @@ class RemoteEngine(EngineBase):
             why = f"the engine reader failed: {exc!r}"
         self._die(why)
 
+    def _on_queue(self, queue: tuple[int, int]) -> None:
+        with self._lock:
+            self._n_queued_reported, self._n_received_reported = queue
+
     def _on_output(
-        self, items: list[tuple[Any, ...]], steps: list[tuple[float, int]], n_waiting: int
+        self, items: list[tuple[Any, ...]], steps: list[tuple[float, int]], queue: tuple[int, int]
     ) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Delta | CriaError]]] = {}
         with self._lock:
-            self._n_waiting_reported = n_waiting
-            self._n_sent_since_report = 0
+            self._n_queued_reported, self._n_received_reported = queue
             for packed in items:
                 request_id, item = unpack(packed)
                 entry = self._streams.get(request_id)

@@ -10,7 +10,8 @@ that writes the HTTP responses.
                      ("stats", call id) ("stop",)
     from the engine: ("ready", embedding_max_tokens, embedding size) ("dead", why)
                      ("out", [(request id, Delta | CriaError) or (request id, text, n_tokens)],
-                             [(step seconds, n_seqs)], n_waiting)
+                             [(step seconds, n_seqs)], (n waiting, n received))
+                     ("queue", (n waiting, n received))
                      ("embedded", request id, EmbeddingResult | CriaError) ("stats", call id, EngineStats)
 """
 
@@ -31,6 +32,10 @@ from cria.engine.engine import Engine, _deliver
 from cria.engine.llama import LlamaModel
 from cria.engine.types import Delta
 from cria.errors import CriaError
+
+# While requests come and go without output (aborts of waiting ones), the queue's length
+# reaches the server at most this late.
+QUEUE_REPORT_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +62,25 @@ class Outlet:
         self._lock = threading.Lock()  # the engine thread and the main thread both send
         self._steps: list[tuple[float, int]] = []
         self.engine: Engine | None = None
+        self.n_received = 0  # requests received (the main thread counts them)
+        self._queue_sent = (0, 0)
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self._lock:
             self._conn.send(message)
+
+    def queue(self) -> tuple[int, int]:
+        """(requests waiting for a slot, requests received): with the count of requests it
+        sent, the server knows the queue's length without asking."""
+        n_queued = self.engine._n_queued if self.engine is not None else 0
+        return n_queued, self.n_received
+
+    def send_queue_if_changed(self) -> None:
+        """For changes no output tells of (a waiting request aborted, admissions)."""
+        queue = self.queue()
+        if queue != self._queue_sent:
+            self._queue_sent = queue
+            self.send(("queue", queue))
 
     def observe_step(self, seconds: float, n_seqs: int) -> None:
         self._steps.append((seconds, n_seqs))
@@ -70,8 +90,8 @@ class Outlet:
             if fn is _deliver:
                 (items,) = args
                 steps, self._steps = self._steps, []
-                n_waiting = self.engine._n_queued if self.engine is not None else 0
-                self.send(("out", [_pack(s.request_id, item) for s, item in items], steps, n_waiting))
+                queue = self._queue_sent = self.queue()
+                self.send(("out", [_pack(s.request_id, item) for s, item in items], steps, queue))
             elif fn is _set_outcome:
                 job_id, outcome = args
                 self.send(("embedded", job_id, outcome))
@@ -132,19 +152,21 @@ def main(fd: int) -> int:
     outlet.send(("ready", engine.embedding_max_tokens, engine.embedding_model.n_embd_out))
     try:
         while True:
-            if not conn.poll(0.5):
-                if engine.state is not EngineState.READY:  # the engine loop died: say so, go
-                    outlet.send(("dead", engine.failure or "the engine stopped"))
-                    break
+            if engine.state is not EngineState.READY:  # the engine loop died: say so, and go
+                outlet.send(("dead", engine.failure or "the engine stopped"))
+                break
+            if not conn.poll(QUEUE_REPORT_S):
+                outlet.send_queue_if_changed()
                 continue
             message = conn.recv()
             kind = message[0]
             if kind == "submit":
                 req = message[1]
+                outlet.n_received += 1
                 try:
                     engine.submit(req, loop=outlet)  # type: ignore[arg-type]
                 except CriaError as exc:  # e.g. the queue filled up since the server checked
-                    outlet.send(("out", [(req.id, exc)], [], 0))
+                    outlet.send(("out", [(req.id, exc)], [], outlet.queue()))
             elif kind == "abort":
                 engine.abort(message[1])
             elif kind == "embed":

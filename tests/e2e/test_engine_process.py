@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -134,7 +135,33 @@ def test_concurrency_cancellation_and_metrics(remote: Server) -> None:
     assert steps and float(steps[0].split()[-1]) > 0  # step observations cross the pipe
 
 
-def test_queue_limit_gives_429(tmp_path: Path) -> None:
+def stream_status(server: Server, body: dict[str, object], hold: float = 0.0) -> int:
+    """Status of a streamed completion; with `hold`, the client reads for that long, then leaves."""
+    with httpx.stream("POST", server.v1 + "/completions", json={**body, "stream": True}, timeout=120) as r:
+        started = time.monotonic()
+        if r.status_code == 200:
+            for _line in r.iter_lines():
+                if hold and time.monotonic() - started > hold:
+                    break
+        return r.status_code
+
+
+# Two streamed requests from one process, the second once the first runs; killed by the test.
+HOLDER = """
+import sys, threading, time, httpx
+url, model = sys.argv[1], sys.argv[2]
+def run():
+    body = {"model": model, "prompt": "Go on:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/completions", json=body, timeout=120) as r:
+        for _ in r.iter_lines():
+            pass
+threading.Thread(target=run).start()
+time.sleep(0.5)
+run()
+"""
+
+
+def test_queue_limit_gives_429_and_recovers(tmp_path: Path) -> None:
     srv = start_server(tmp_path, "--parallel", "1", "--max-queue", "1", "--engine-process", "on")
     try:
         body = {"model": MODEL_ID, "prompt": "Go on:", "max_tokens": 200, "ignore_eos": True}
@@ -145,8 +172,33 @@ def test_queue_limit_gives_429(tmp_path: Path) -> None:
         for r in codes:
             if r.status_code == 429:
                 assert r.json()["error"]["type"] == "rate_limit_error"
+        # Streamed requests are refused with a 429 status too, before any SSE is sent.
+        with ThreadPoolExecutor(4) as pool:
+            streamed = sorted(pool.map(lambda _: stream_status(srv, body), range(4)))
+        assert 429 in streamed and 200 in streamed, streamed
+        # A client process with one running and one waiting request dies: both connections
+        # close at once. When both aborts reach the engine in the same step, no output tells
+        # the server that the queue emptied (the engine process reports it within 50 ms
+        # instead); either way the server must take new requests again.
+        client = subprocess.Popen([sys.executable, "-c", HOLDER, srv.v1, MODEL_ID])
+        try:
+            assert client.stdout is None
+            deadline = time.monotonic() + 30
+            while srv.engine_stats()["n_waiting"] < 1:
+                assert time.monotonic() < deadline, "the second request never queued"
+                time.sleep(0.05)
+        finally:
+            client.kill()
+            client.wait()
         stats = srv.wait_idle()
         assert stats["n_slots_free"] == 1
+        deadline = time.monotonic() + 5
+        while True:
+            r = httpx.post(srv.v1 + "/completions", json={**body, "max_tokens": 3}, timeout=60)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
     finally:
         stop_server(srv)
 
