@@ -159,10 +159,6 @@ class Engine(EngineBase):
             return EngineState.DEAD
         return self._state
 
-    @property
-    def failure(self) -> str | None:
-        return self._failure
-
     def submit(
         self, req: GenerationRequest, *, loop: asyncio.AbstractEventLoop | None = None
     ) -> RequestStream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import httpx
 import openai
@@ -82,6 +83,18 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Se
         time.sleep(0.1)
     stop_server(server)
     raise RuntimeError(f"cria did not become healthy in {START_TIMEOUT}s:\n{log_path.read_text()}")
+
+
+def completion_chunks(server: Server, body: dict[str, object]) -> list[dict[str, Any]]:
+    """The JSON chunks of a streamed /v1/completions (with usage), [DONE] left out."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    chunks: list[dict[str, Any]] = []
+    with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    return chunks
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,24 +9,18 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 
-from tests.e2e.conftest import MODEL_ID, Server
+from tests.e2e.conftest import MODEL_ID, Server, completion_chunks
 
 
 def stream_pieces(server: Server, body: dict[str, object]) -> tuple[list[str], dict[str, object]]:
     """Text of each streamed completion chunk, and the usage."""
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     pieces: list[str] = []
     usage: dict[str, object] = {}
-    with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"]:
-                pieces.append(chunk["choices"][0]["text"])
-            else:
-                usage = chunk["usage"]
+    for chunk in completion_chunks(server, body):
+        if chunk["choices"]:
+            pieces.append(chunk["choices"][0]["text"])
+        else:
+            usage = chunk["usage"]
     return pieces, usage
 
 

@@ -6,7 +6,6 @@ on the CPU it is forced on, and everything a client sees must be what the plain 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL_ID, Server, start_server, stop_server
+from tests.e2e.conftest import MODEL_ID, Server, completion_chunks, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +39,13 @@ def complete(server: Server, body: dict[str, object]) -> dict[str, object]:
 
 def stream(server: Server, body: dict[str, object]) -> tuple[str, str | None, dict[str, object]]:
     """Streamed text, finish reason and usage of a one-choice completion."""
-    body = {"model": MODEL_ID, **body, "stream": True, "stream_options": {"include_usage": True}}
     text, reason, usage = "", None, {}
-    with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"]:
-                text += chunk["choices"][0]["text"]
-                reason = chunk["choices"][0]["finish_reason"] or reason
-            else:
-                usage = chunk["usage"]
+    for chunk in completion_chunks(server, {"model": MODEL_ID, **body}):
+        if chunk["choices"]:
+            text += chunk["choices"][0]["text"]
+            reason = chunk["choices"][0]["finish_reason"] or reason
+        else:
+            usage = chunk["usage"]
     return text, reason, usage
 
 
