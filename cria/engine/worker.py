@@ -25,7 +25,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from cria.engine import llama as _llama  # noqa: F401 - llama.cpp before numpy (see __init__)
 from cria.engine.base import EngineConfig, EngineState
 from cria.engine.embedder import _set_outcome
 from cria.engine.engine import Engine, _deliver
