@@ -5,13 +5,18 @@ One run does, for each round, for each server in turn (A B C A B C ..., never tw
 start it, wait until it is healthy, run bench/loadgen.py's load at each concurrency
 (N = concurrency x requests-per-stream requests, at least 4) and one prefill run, sample its
 resident memory, stop it. After the rounds it runs llama-batched-bench once, as the batching
-ceiling of the same llama.cpp (S_TG t/s per batch size). It prints medians over rounds of every
-figure loadgen reports, per server and concurrency, with the ratio Cria/peer, and writes
+ceiling of the same llama.cpp (S_TG t/s at each batch size B = min(concurrency, --parallel): a
+server decodes at most --parallel streams at once, the rest wait in its queue). It prints
+medians over rounds of every figure loadgen reports, per server and concurrency, with the ratio
+Cria/peer (also paired within each round, steadier when the machine drifts), and writes
 OUT/compare.json (medians and every raw per-round number), OUT/throughput.png and server logs
 under OUT/logs/.
 
     .venv/bin/python bench/compare.py [--rounds 3] [--concurrency 1,4,8,16] \
         [--requests-per-stream 2] [--max-tokens 128] [--endpoint completions] [--out bench/out]
+
+    # the report again from an earlier run's compare.json, with this version's ratios
+    .venv/bin/python bench/compare.py --from-json bench/results/compare-cpu-3.json
 
     # a quick smoke test (a few minutes on 2 cores)
     .venv/bin/python bench/compare.py --rounds 1 --concurrency 1,4 --requests-per-stream 1 \
@@ -149,6 +154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "llama-cpp-python (it ignores `ignore_eos`, so it may stop before max_tokens)",
     )
     p.add_argument("--no-batched-bench", action="store_true", help="skip llama-batched-bench")
+    p.add_argument(
+        "--from-json",
+        metavar="COMPARE.json",
+        default=None,
+        help="run nothing: print the report of an earlier run's compare.json again",
+    )
     p.add_argument("--batched-bench-timeout", type=float, default=900.0)
     args = p.parse_args(argv)
     try:
@@ -871,7 +882,7 @@ def parse_batched_bench(text: str) -> list[dict[str, float]]:
 def run_batched_bench(
     args: argparse.Namespace, llama_bin: Path, npp: int, log_dir: Path
 ) -> dict[str, Any]:
-    npl = args.concurrency_levels
+    npl = ceiling_batches(args)
     ctx = max(16384, max(npl) * (npp + args.max_tokens) + 64)
     argv = [
         str(llama_bin / "llama-batched-bench"),
@@ -932,6 +943,16 @@ def run_batched_bench(
 
 
 _BG: set[subprocess.Popen[str]] = set()
+
+
+def effective_batch(args: argparse.Namespace, c: int) -> int:
+    """The most sequences a server decodes together at concurrency c: Cria and llama-server
+    have --parallel slots, and the streams beyond them wait in the queue."""
+    return min(c, args.parallel)
+
+
+def ceiling_batches(args: argparse.Namespace) -> list[int]:
+    return sorted({effective_batch(args, c) for c in args.concurrency_levels})
 
 
 # --------------------------------------------------------------------------------------------
@@ -995,15 +1016,64 @@ def aggregate(
             for m in ("prefill_tok_s", "peak_rss_mib"):
                 rp[m] = ratio(med["cria"][m], med[peer][m])
             ratios[f"cria/{peer}"] = rp
-        if ceiling and ceiling.get("s_tg_tok_s"):
-            ratios["cria/batched-bench S_TG"] = {
-                str(c): ratio(
-                    med["cria"]["load"][str(c)]["aggregate_output_tok_s"],
-                    ceiling["s_tg_tok_s"].get(str(c)),
-                )
-                for c in args.concurrency_levels
-            }
+    for name in med:
+        for c in args.concurrency_levels:
+            d = med[name]["load"][str(c)]
+            # Streams decoding at once / the time between two tokens of a stream: the server's
+            # decode rate while its batch is full, the figure comparable to S_TG (which has no
+            # prefill, no queueing and no ramp at the start and end of a run).
+            itl = d.get("itl_ms_p50")
+            d["steady_decode_tok_s"] = (
+                round(effective_batch(args, c) * 1000.0 / itl, 2) if itl else None
+            )
+    for peer in PEERS:
+        if "cria" in med and peer in med:
+            ratios[f"cria/{peer}"]["paired"] = paired_ratios(args, rounds, peer)
+    if ceiling and ceiling.get("s_tg_tok_s"):
+        for name in med:
+            per_c = {}
+            for c in args.concurrency_levels:
+                d = med[name]["load"][str(c)]
+                stg = ceiling["s_tg_tok_s"].get(str(effective_batch(args, c)))
+                per_c[str(c)] = {
+                    "batch": effective_batch(args, c),
+                    "aggregate": ratio(d["aggregate_output_tok_s"], stg),
+                    "steady_decode": ratio(d["steady_decode_tok_s"], stg),
+                }
+            ratios[f"{name}/batched-bench S_TG"] = per_c
     return {"medians": med, "ratios": ratios}
+
+
+PAIRED = ("aggregate_output_tok_s", "decode_tok_s_p50", "ttft_ms_p50")
+
+
+def paired_ratios(
+    args: argparse.Namespace, rounds: list[dict[str, Any]], peer: str
+) -> dict[str, Any]:
+    """Cria/peer within each round (the two ran minutes apart), then the median over rounds:
+    steadier than a ratio of medians when the machine's speed drifts between rounds."""
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in rounds:
+        by_round.setdefault(r["round"], {})[r["server"]] = r
+    out: dict[str, Any] = {"load": {}}
+    pairs = [(rs["cria"], rs[peer]) for rs in by_round.values() if "cria" in rs and peer in rs]
+    for c in args.concurrency_levels:
+        per_m: dict[str, Any] = {}
+        for m in PAIRED:
+            xs = []
+            for a, b in pairs:
+                sa, sb = a["loads"].get(str(c)) or {}, b["loads"].get(str(c)) or {}
+                if sa.get("status") == "ok" and sb.get("status") == "ok":
+                    xs.append(ratio(sa.get(m), sb.get(m)))
+            per_m[m] = {"median": median(xs), "rounds": xs}
+        out["load"][str(c)] = per_m
+    xs = []
+    for a, b in pairs:
+        pa, pb = a.get("prefill") or {}, b.get("prefill") or {}
+        if pa.get("status") == "ok" and pb.get("status") == "ok":
+            xs.append(ratio(pa.get("prompt_tok_s_median"), pb.get("prompt_tok_s_median")))
+    out["prefill_tok_s"] = {"median": median(xs), "rounds": xs}
+    return out
 
 
 def fmt(x: Any, nd: int = 2) -> str:
@@ -1059,6 +1129,22 @@ def render_table(
                 )
         if notes:
             lines.append("  note: " + "; ".join(notes))
+    for p in peers:
+        pr = rat[f"cria/{p}"].get("paired") or {}
+        lines.append("")
+        lines.append(
+            f"Cria/{p} paired within each round, median over rounds (per-round values):"
+        )
+        for c in args.concurrency_levels:
+            parts = []
+            for m in PAIRED:
+                v = pr.get("load", {}).get(str(c), {}).get(m) or {}
+                rs = ", ".join(fmt(x) for x in v.get("rounds") or [])
+                parts.append(f"{m.split('_')[0]} {fmt(v.get('median'))} ({rs})")
+            lines.append(f"  c={c}: " + "; ".join(parts))
+        v = pr.get("prefill_tok_s") or {}
+        rs = ", ".join(fmt(x) for x in v.get("rounds") or [])
+        lines.append(f"  prefill: {fmt(v.get('median'))} ({rs})")
     lines.append("")
     lines.append(f"{'per server':<{w0}}" + head[w0:])
     lines.append("-" * len(head))
@@ -1072,21 +1158,26 @@ def render_table(
         if ceiling.get("status") == "ok":
             lines.append(
                 f"llama-batched-bench ceiling (npp {ceiling['npp']}, ntg {ceiling['ntg']}, "
-                f"-t {args.threads}): S_TG t/s per batch size; Cria aggregate out tok/s / S_TG"
+                f"-t {args.threads}) at B = min(c, --parallel {args.parallel}), the most "
+                "sequences a server decodes at once"
             )
-            lines.append(f"{'B':>6}{'S_TG t/s':>12}{'S t/s':>12}{'cria agg':>12}{'cria/S_TG':>12}")
+            lines.append(
+                "  agg/S_TG: aggregate out tok/s (prefill, queueing and ramps included) / S_TG;"
+            )
+            lines.append(
+                "  steady/S_TG: B / ITL p50, the decode rate while the batch is full / S_TG"
+            )
+            hdr = f"{'c':>4}{'B':>4}{'S_TG t/s':>10}"
+            for name in names:
+                hdr += f"{SHORT[name] + ' agg':>18}{'steady':>9}"
+            lines.append(hdr)
             for c in args.concurrency_levels:
-                cr = (
-                    med.get("cria", {})
-                    .get("load", {})
-                    .get(str(c), {})
-                    .get("aggregate_output_tok_s")
-                )
-                stg = ceiling["s_tg_tok_s"].get(str(c))
-                lines.append(
-                    f"{c:>6}{fmt(stg):>12}{fmt(ceiling['s_tok_s'].get(str(c))):>12}"
-                    f"{fmt(cr):>12}{fmt(ratio(cr, stg)):>12}"
-                )
+                b = effective_batch(args, c)
+                row = f"{c:>4}{b:>4}{fmt(ceiling['s_tg_tok_s'].get(str(b))):>10}"
+                for name in names:
+                    r = rat.get(f"{name}/batched-bench S_TG", {}).get(str(c), {})
+                    row += f"{fmt(r.get('aggregate')):>18}{fmt(r.get('steady_decode')):>9}"
+                lines.append(row)
         else:
             lines.append(f"llama-batched-bench FAILED: {ceiling.get('error')}")
     problems = []
@@ -1143,7 +1234,7 @@ def plot(
             st, col = styles[name]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], st, color=col, label=name)
     if ceiling and ceiling.get("s_tg_tok_s"):
-        pts = [(c, ceiling["s_tg_tok_s"].get(str(c))) for c in xs]
+        pts = [(c, ceiling["s_tg_tok_s"].get(str(effective_batch(args, c)))) for c in xs]
         pts = [(x, y) for x, y in pts if y is not None]
         if pts:
             ax.plot(
@@ -1151,7 +1242,7 @@ def plot(
                 [p[1] for p in pts],
                 "k--",
                 marker="x",
-                label=f"llama-batched-bench S_TG (npp {ceiling['npp']})",
+                label=f"llama-batched-bench S_TG (npp {ceiling['npp']}, B = min(c, {args.parallel}))",
             )
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate output tok/s (median over rounds)")
@@ -1180,8 +1271,23 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def report_again(args: argparse.Namespace) -> int:
+    """The table of an earlier run, aggregated by this version (its own settings apply)."""
+    old = json.loads(Path(args.from_json).read_text())
+    for key, value in old["config"].items():
+        if key != "from_json":
+            setattr(args, key, value)
+    args.concurrency_levels = [int(c) for c in args.concurrency_levels]
+    args.parallel = int(old["config"].get("parallel", 8))
+    agg = aggregate(args, old["rounds"], old.get("batched_bench"))
+    print(render_table(args, agg, old.get("batched_bench"), old["rounds"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return report_again(args)
     out_dir = Path(args.out)
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,9 @@ class Engine(EngineBase):
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # in admission order
         self._slots = SlotTable(config.n_slots)
-        self._prompt_cache = PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes else None
+        self._prompt_cache: PromptCache[np.ndarray] | None = (
+            PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes else None
+        )
         self._ctx: LlamaContext | None = None
         self._batch: Batch | None = None
         self._embedder: Embedder | None = None
@@ -521,6 +523,10 @@ class Engine(EngineBase):
             return
         cached = self._slots.slots[slot_id].cached
         if len(cached) - n_keep < MIN_SAVED_TOKENS or cache.covers(cached):
+            return
+        if self._slots.holder(cached, exclude=slot_id) is not None:
+            # Another slot holds these tokens too: a prompt that wants them copies them from
+            # there, and that slot saves them when it is reused in turn.
             return
         try:
             cache.put(cached, ctx.seq_state_save(slot_id))

@@ -308,6 +308,9 @@ def _decode(ctx: Any, batch: Batch) -> DecodeResult:
     return DecodeResult.FAILED
 
 
+_U8_P = ctypes.POINTER(ctypes.c_uint8)
+
+
 class LlamaContext:
     """One llama_context with `n_seq` sequences of `n_ctx_per_seq` tokens each."""
 
@@ -357,17 +360,21 @@ class LlamaContext:
         llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         self.seq_rm(dst, n_tokens)
 
-    def seq_state_save(self, seq: int) -> bytes:
-        """The KV state of one sequence, as bytes (for the host-memory prompt cache)."""
-        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq))
-        buf = (ctypes.c_uint8 * size)()
-        n = int(llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq))
-        return ctypes.string_at(buf, n)
+    def seq_state_save(self, seq: int) -> np.ndarray:
+        """The KV state of one sequence, as a uint8 array (for the host-memory prompt cache).
 
-    def seq_state_load(self, seq: int, state: bytes) -> bool:
-        """Restore a state saved by seq_state_save into sequence `seq`."""
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        return int(llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), seq)) > 0
+        llama.cpp writes straight into the array: one pass over fresh memory, where a ctypes
+        buffer copied into bytes made two (the page faults of fresh memory are most of the
+        cost: a few MB per few hundred tokens, paid while every stream waits for the step)."""
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq))
+        buf = np.empty(size, dtype=np.uint8)
+        n = int(llama_cpp.llama_state_seq_get_data(self._ctx, buf.ctypes.data_as(_U8_P), size, seq))
+        return buf[:n]
+
+    def seq_state_load(self, seq: int, state: np.ndarray) -> bool:
+        """Restore a state saved by seq_state_save into sequence `seq` (read in place)."""
+        n = len(state)
+        return int(llama_cpp.llama_state_seq_set_data(self._ctx, state.ctypes.data_as(_U8_P), n, seq)) > 0
 
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
         """Drop positions [p0, p1) of a sequence (p1 = -1: to the end)."""

@@ -3,29 +3,32 @@
 When a slot is about to be reused for a different prompt, the engine saves the slot's KV state
 here (a few MB for a few hundred tokens); a later request whose prompt shares a longer prefix
 with a saved entry than with any slot restores it instead of prefilling. Pure policy and
-storage (no llama.cpp): entries are opaque bytes, evicted least-recently-used within a byte
-budget.
+storage (no llama.cpp): entries are opaque buffers of len() bytes (uint8 arrays from the
+engine), evicted least-recently-used within a byte budget.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from cria.engine.slots import common_prefix_len
 
+S = TypeVar("S", bound=Sized)  # a saved state: len() bytes
+
 
 @dataclass(frozen=True, slots=True)
-class CachedPrompt:
+class CachedPrompt(Generic[S]):
     tokens: tuple[int, ...]
-    state: bytes
+    state: S
 
 
-class PromptCache:
+class PromptCache(Generic[S]):
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[tuple[int, ...], CachedPrompt] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], CachedPrompt[S]] = OrderedDict()
         self.n_bytes = 0
 
     def __len__(self) -> int:
@@ -36,7 +39,7 @@ class PromptCache:
         n = len(tokens)
         return any(len(key) >= n and key[:n] == tuple(tokens) for key in self._entries)
 
-    def put(self, tokens: Sequence[int], state: bytes) -> None:
+    def put(self, tokens: Sequence[int], state: S) -> None:
         if len(state) > self.capacity_bytes or not tokens:
             return
         key = tuple(tokens)
@@ -48,11 +51,11 @@ class PromptCache:
         while self.n_bytes > self.capacity_bytes:
             self._drop(next(iter(self._entries)))
 
-    def best(self, prompt: Sequence[int]) -> tuple[CachedPrompt, int] | None:
+    def best(self, prompt: Sequence[int]) -> tuple[CachedPrompt[S], int] | None:
         """The entry sharing the longest prefix with `prompt` (capped at len(prompt) - 1, as
         the last prompt token is always decoded), marked as recently used."""
         cap = max(len(prompt) - 1, 0)
-        best: tuple[CachedPrompt, int] | None = None
+        best: tuple[CachedPrompt[S], int] | None = None
         for entry in self._entries.values():
             n = min(common_prefix_len(entry.tokens, prompt), cap)
             if n > 0 and (best is None or n > best[1]):

@@ -82,6 +82,15 @@ class SlotTable:
                 best = (slot.id, n)
         return best
 
+    def holder(self, tokens: Sequence[int], *, exclude: int) -> int | None:
+        """A slot other than `exclude` whose cache starts with all of `tokens`, or None."""
+        want = list(tokens)
+        n = len(want)
+        for slot in self.slots:
+            if slot.id != exclude and len(slot.cached) >= n and slot.cached[:n] == want:
+                return slot.id
+        return None
+
     def acquire_copy(self, slot_id: int, donor_id: int, n_tokens: int) -> Slot:
         """Acquire a free slot whose cache now holds the first `n_tokens` of the donor's."""
         slot = self.slots[slot_id]

@@ -171,3 +171,14 @@ def test_scratch_slot_is_the_one_with_the_least_cache() -> None:
     table.acquire(2, 0)
     table.acquire(0, 0)
     assert table.choose_scratch() is None
+
+
+def test_holder_finds_another_slot_whose_cache_starts_with_the_tokens() -> None:
+    table = SlotTable(3)
+    table.acquire_tokens(0, [1, 2, 3])
+    table.acquire_tokens(1, [1, 2, 3, 4, 5])  # busy, holds more: still a holder
+    table.acquire_tokens(2, [1, 2])
+    assert table.holder([1, 2, 3], exclude=0) == 1
+    assert table.holder((1, 2), exclude=2) == 0  # any sequence type
+    assert table.holder([1, 2, 3, 4, 5], exclude=1) is None  # nobody else holds all of them
+    assert table.holder([1, 9], exclude=0) is None
