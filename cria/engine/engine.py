@@ -226,6 +226,7 @@ class Engine(EngineBase):
             n_embedding_jobs = self._n_embed_jobs
         timing = self._timing
         slots = self._slots.slots  # read racily from another thread: a snapshot for display
+        cache = self._prompt_cache
         return EngineStats(
             python_us_per_step=timing.python_us_per_step,
             python_us_per_seq=timing.python_us_per_seq,
@@ -243,6 +244,8 @@ class Engine(EngineBase):
             n_slots_free=sum(1 for s in slots if not s.is_busy),
             n_kv_used_cells=sum(len(s.cached) for s in slots),
             n_kv_total_cells=self.config.n_slots * self.config.n_ctx_per_seq,
+            n_prompt_cache_entries=len(cache) if cache is not None else 0,
+            prompt_cache_bytes=cache.n_bytes if cache is not None else 0,
         )
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -178,3 +178,5 @@ class EngineStats:
     n_slots_free: int = 0
     n_kv_used_cells: int = 0  # tokens held in the slots' KV streams (idle slots keep theirs)
     n_kv_total_cells: int = 0  # slots x context size
+    n_prompt_cache_entries: int = 0  # evicted prompts' KV states kept in host memory
+    prompt_cache_bytes: int = 0  # ... and their size (at most --prompt-cache-mib)

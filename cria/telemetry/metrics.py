@@ -143,6 +143,14 @@ class Metrics:
         self._kv_total = Gauge(
             "cria_kv_cache_total_cells", "KV cache cells: slots x context size.", registry=reg
         )
+        self._cache_entries = Gauge(
+            "cria_prompt_cache_entries",
+            "Evicted prompts whose KV state the host-memory prompt cache keeps.",
+            registry=reg,
+        )
+        self._cache_bytes = Gauge(
+            "cria_prompt_cache_bytes", "Host memory the prompt cache's entries take.", registry=reg
+        )
         self._model = Info("cria_model", "The served model.", registry=reg)
         self._model.info(
             {
@@ -194,6 +202,8 @@ class Metrics:
         self._slots_free.set(stats.n_slots_free)
         self._kv_used.set(stats.n_kv_used_cells)
         self._kv_total.set(stats.n_kv_total_cells)
+        self._cache_entries.set(stats.n_prompt_cache_entries)
+        self._cache_bytes.set(stats.prompt_cache_bytes)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (content type: CONTENT_TYPE)."""

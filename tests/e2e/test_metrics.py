@@ -37,6 +37,8 @@ CONTRACT = {
     "cria_slots_free": "gauge",
     "cria_kv_cache_used_cells": "gauge",
     "cria_kv_cache_total_cells": "gauge",
+    "cria_prompt_cache_entries": "gauge",
+    "cria_prompt_cache_bytes": "gauge",
     "cria_model_info": "gauge",  # an Info metric is exposed as a gauge of value 1
 }
 REQUEST_HISTOGRAMS = [

@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -200,3 +202,51 @@ def test_evicted_prompt_comes_back_from_the_host_memory_cache(small_server: Serv
     assert b["usage"]["prompt_tokens_details"]["cached_tokens"] < 10  # nothing to reuse
     assert again["usage"]["prompt_tokens"] == a["usage"]["prompt_tokens"] > 40
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == a["usage"]["prompt_tokens"] - 1
+
+
+@pytest.fixture(scope="module")
+def two_slots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("two"), "--parallel", "2", "--context-size", "512")
+    yield srv
+    stop_server(srv)
+
+
+def test_prompt_cache_saves_what_no_other_slot_holds(two_slots: Server) -> None:
+    """A slot whose tokens another slot also holds is cut without saving them (the other can
+    give them); once that one is cut too, they are saved, and the prompt comes back restored."""
+    url = two_slots.v1 + "/completions"
+    model = httpx.get(two_slots.v1 + "/models").json()["data"][0]["id"]
+    tag = time.monotonic_ns()
+    shared = f"Shared {tag}: " + "a long story about llamas crossing the mountains " * 8
+    body = {"model": model, "max_tokens": 1, "ignore_eos": True, "temperature": 0}
+
+    def post(prompt: str, **extra: object) -> dict[str, Any]:
+        r = httpx.post(url, json={**body, "prompt": prompt, **extra}, timeout=120)
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    def cache_entries() -> int:
+        return int(two_slots.engine_stats()["n_prompt_cache_entries"])
+
+    two_slots.wait_idle()
+    before = cache_entries()
+    # A long request holds slot 0 with the shared prompt; a one-token request for the same
+    # prompt takes slot 1, which then holds exactly the prompt (copied from slot 0).
+    long_one = ThreadPoolExecutor(1).submit(post, shared, max_tokens=300)
+    deadline = time.monotonic() + 60
+    while two_slots.engine_stats()["n_running"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    post(shared)
+    # The only free slot is slot 1: a different prompt cuts it. Slot 0 holds those tokens.
+    post(f"Other {tag}: " + "boats and harbours and the sea in winter " * 8)
+    assert two_slots.engine_stats()["n_running"] == 1, "the long request ended too soon"
+    assert cache_entries() == before  # nothing saved
+    long_one.result(timeout=120)
+    # Now slot 0 (the prompt and 300 tokens) is cut by another prompt: that is saved.
+    post(f"Third {tag}: " + "trains and stations at night " * 8)
+    two_slots.wait_idle()
+    assert cache_entries() == before + 1
+    again = post(shared)
+    n_prompt = again["usage"]["prompt_tokens"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == n_prompt - 1
