@@ -24,7 +24,9 @@ from cria.telemetry.logs import note_sequence
 from cria.telemetry.metrics import Metrics
 from cria.telemetry.tracing import RequestTrace
 
-_TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only (str.isdigit() accepts "²")
+# ASCII digits only (str.isdigit() accepts "²"), and few enough for int() (which refuses
+# strings of more than 4,300 digits): no vocabulary has 10**18 tokens.
+_TOKEN_ID = re.compile(r"-?[0-9]{1,18}")
 
 
 def new_id(prefix: str) -> str:
@@ -44,7 +46,8 @@ def sampling_from(
     bias: list[tuple[int, float]] = []
     for key, value in (req.logit_bias or {}).items():
         if not _TOKEN_ID.fullmatch(key) or not 0 <= int(key) < n_vocab:
-            raise InvalidRequest(f"logit_bias key {key!r} is not a token id in [0, {n_vocab})", param="logit_bias")
+            shown = key if len(key) <= 40 else key[:40] + "..."
+            raise InvalidRequest(f"logit_bias key {shown!r} is not a token id in [0, {n_vocab})", param="logit_bias")
         bias.append((int(key), value))
     return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,

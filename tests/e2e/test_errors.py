@@ -61,7 +61,10 @@ def test_malformed_json(http: httpx.Client) -> None:
         (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
         (chat(presence_penalty=5), "presence_penalty"),
         (chat(logit_bias={"999999999": 1}), "logit_bias"),
+        (chat(logit_bias={"9" * 5000: 1}), "logit_bias"),  # past int()'s digit limit
+        (chat(seed=2**64), "seed"),  # int64, as OpenAI's
         (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "messages[0].content[0]"),
+        (chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages[0].content[0].text"),
     ],
 )
 def test_invalid_chat_fields(http: httpx.Client, body: dict[str, Any], param: str) -> None:
@@ -80,6 +83,8 @@ def test_invalid_chat_fields(http: httpx.Client, body: dict[str, Any], param: st
         ({"model": MODEL_ID, "prompt": "Hi", "max_tokens": -1}, "max_tokens"),
         ({"model": MODEL_ID, "prompt": "Hi", "n": 1000}, "n"),
         ({"model": MODEL_ID, "prompt": "Hi", "logprobs": 6}, "logprobs"),
+        ({"model": MODEL_ID, "prompt": "Hi", "seed": -(2**63) - 1}, "seed"),
+        ({"model": MODEL_ID, "prompt": "Hi", "logit_bias": {"1" * 4301: 1}}, "logit_bias"),
         ({"model": MODEL_ID, "prompt": "Hi", "suffix": "x", "echo": True, "logprobs": 1}, "suffix"),
     ],
 )

@@ -29,6 +29,8 @@ def test_health_reports_engine(http: httpx.Client) -> None:
     body = r.json()
     assert body["status"] == "ok" and body["model"] == MODEL_ID
     assert body["engine"]["n_slots"] == 8
+    head = http.head("/health")  # what some monitors send
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_completion_non_streaming(client: openai.OpenAI) -> None:

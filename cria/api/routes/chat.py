@@ -62,11 +62,17 @@ def _message_dicts(messages: list[protocol.ChatMessage]) -> list[dict[str, Any]]
         else:
             texts: list[str] = []
             for j, part in enumerate(m.content):
-                part_text = part.refusal if part.type == "refusal" else part.text
-                if part.type not in ("text", "refusal") or part_text is None:
+                if part.type not in ("text", "refusal"):
                     raise InvalidRequest(
                         f"content part type '{part.type}' is not supported by this model (text only)",
                         param=f"messages[{i}].content[{j}]",
+                    )
+                field = "refusal" if part.type == "refusal" else "text"
+                part_text = part.refusal if part.type == "refusal" else part.text
+                if part_text is None:
+                    raise InvalidRequest(
+                        f"messages[{i}].content[{j}].{field} is required for a '{part.type}' part",
+                        param=f"messages[{i}].content[{j}].{field}",
                     )
                 texts.append(part_text)
             text = "\n".join(texts)

@@ -18,7 +18,7 @@ from cria.engine.base import EngineState
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # monitors often probe with HEAD
 async def health(request: Request) -> JSONResponse:
     state = state_of(request)
     engine_state = state.engine.state
