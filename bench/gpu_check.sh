@@ -2,7 +2,7 @@
 # GPU check (issue 3 §4): Cria on a synthetic 1.17B Llama (Q4_K_M) fully offloaded, at 1, 16 and
 # 64 streams: the engine alone (bench/engine_overhead.py, with and without --overlap) and the
 # whole server over HTTP (bench/loadgen.py; --engine-process and --overlap-output at auto, i.e.
-# on, then each turned off at 64 streams). Run from the repository root on the GPU machine, with ../shared/gpu copied
+# on, then each turned off at 64 streams); and greedy sampling on the host vs in the graph. Run from the repository root on the GPU machine, with ../shared/gpu copied
 # into .gpu/ (plus the wheels of Cria's pure-Python dependencies). Results go to $OUT.
 #   SKIP_INSTALL=1 QUICK=1 bash bench/gpu_check.sh    # a dry run on the CPU with a tiny model
 set -euo pipefail
@@ -34,6 +34,12 @@ for s in "${STREAMS[@]}"; do
       || tail -5 "$OUT/engine-$s$o.log"
     echo "engine, $s streams ${o:-no overlap}: $(grep -h tokens_per_s "$OUT/engine-$s$o.json" || true)"
   done
+done
+for s in "${STREAMS[@]}"; do  # greedy on the host vs inside the graph (bench/backend_sampling.py)
+  [ "$s" -gt 1 ] || continue
+  $PY bench/backend_sampling.py --model /tmp/m.gguf --gpu-layers $NGL --seqs "$s" --threads 4 \
+    > "$OUT/backend-sampling-$s.jsonl" 2> "$OUT/backend-sampling-$s.log" || tail -5 "$OUT/backend-sampling-$s.log"
+  echo "backend sampling, $s sequences: $(tail -1 "$OUT/backend-sampling-$s.jsonl")"
 done
 PORT=8089
 $PY -m cria --model /tmp/m.gguf --use-gpu --gpu-layers $NGL --parallel 64 --context-size 1024 \
