@@ -945,14 +945,17 @@ def run_batched_bench(
 _BG: set[subprocess.Popen[str]] = set()
 
 
-def effective_batch(args: argparse.Namespace, c: int) -> int:
+def effective_batch(args: argparse.Namespace, c: int, server: str = "cria") -> int:
     """The most sequences a server decodes together at concurrency c: Cria and llama-server
-    have --parallel slots, and the streams beyond them wait in the queue."""
-    return min(c, args.parallel)
+    have --parallel slots, and the streams beyond them wait in the queue; llama-cpp-python's
+    server runs one request at a time."""
+    return 1 if server == "llama-cpp-python" else min(c, args.parallel)
 
 
 def ceiling_batches(args: argparse.Namespace) -> list[int]:
-    return sorted({effective_batch(args, c) for c in args.concurrency_levels})
+    return sorted(
+        {effective_batch(args, c, s) for c in args.concurrency_levels for s in args.server_list}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1024,7 +1027,7 @@ def aggregate(
             # prefill, no queueing and no ramp at the start and end of a run).
             itl = d.get("itl_ms_p50")
             d["steady_decode_tok_s"] = (
-                round(effective_batch(args, c) * 1000.0 / itl, 2) if itl else None
+                round(effective_batch(args, c, name) * 1000.0 / itl, 2) if itl else None
             )
     for peer in PEERS:
         if "cria" in med and peer in med:
@@ -1034,9 +1037,9 @@ def aggregate(
             per_c = {}
             for c in args.concurrency_levels:
                 d = med[name]["load"][str(c)]
-                stg = ceiling["s_tg_tok_s"].get(str(effective_batch(args, c)))
+                stg = ceiling["s_tg_tok_s"].get(str(effective_batch(args, c, name)))
                 per_c[str(c)] = {
-                    "batch": effective_batch(args, c),
+                    "batch": effective_batch(args, c, name),
                     "aggregate": ratio(d["aggregate_output_tok_s"], stg),
                     "steady_decode": ratio(d["steady_decode_tok_s"], stg),
                 }
@@ -1159,14 +1162,15 @@ def render_table(
             lines.append(
                 f"llama-batched-bench ceiling (npp {ceiling['npp']}, ntg {ceiling['ntg']}, "
                 f"-t {args.threads}) at B = min(c, --parallel {args.parallel}), the most "
-                "sequences a server decodes at once"
+                "sequences a server decodes at once (llama-cpp-python: B = 1)"
             )
             lines.append(
                 "  agg/S_TG: aggregate out tok/s (prefill, queueing and ramps included) / S_TG;"
             )
             lines.append(
-                "  steady/S_TG: B / ITL p50, the decode rate while the batch is full / S_TG"
+                "  steady/S_TG: B / ITL p50, about the decode rate with B streams / S_TG (ITL p50"
             )
+            lines.append("  also counts the quicker steps of a run's ramp-down: it can read above 1)")
             hdr = f"{'c':>4}{'B':>4}{'S_TG t/s':>10}"
             for name in names:
                 hdr += f"{SHORT[name] + ' agg':>18}{'steady':>9}"
@@ -1278,7 +1282,7 @@ def report_again(args: argparse.Namespace) -> int:
         if key != "from_json":
             setattr(args, key, value)
     args.concurrency_levels = [int(c) for c in args.concurrency_levels]
-    args.parallel = int(old["config"].get("parallel", 8))
+    args.parallel = int(old["config"].get("parallel", args.parallel))
     agg = aggregate(args, old["rounds"], old.get("batched_bench"))
     print(render_table(args, agg, old.get("batched_bench"), old["rounds"]))
     return 0

@@ -471,17 +471,23 @@ class Engine(EngineBase):
             donor = self._slots.best_donor(seq.req.prompt, exclude=slot_id)
             saved = self._prompt_cache.best(seq.req.prompt) if self._prompt_cache else None
             n_donor = donor[1] if donor is not None else 0
-            if (
-                saved is not None
-                and saved[1] > max(n_reuse, n_donor)
-                and self._ctx.seq_rm(slot_id, 0)
-                and self._ctx.seq_state_load(slot_id, saved[0].state)
-                and self._ctx.seq_rm(slot_id, saved[1])
-            ):
+            if saved is not None and saved[1] > max(n_reuse, n_donor) and self._ctx.seq_rm(slot_id, 0):
                 # The prompt came back after leaving every slot: restore its KV from host memory.
-                n_reuse = saved[1]
-                seq.slot = self._slots.acquire_tokens(slot_id, saved[0].tokens[:n_reuse])
-            elif donor is not None and donor[1] > n_reuse:
+                # The slot's own cache is gone from here on, whether the restore works or not.
+                self._slots.forget(slot_id)
+                n_reuse = 0
+                if self._ctx.seq_state_load(slot_id, saved[0].state) and self._ctx.seq_rm(
+                    slot_id, saved[1]
+                ):
+                    n_reuse = saved[1]
+                    seq.slot = self._slots.acquire_tokens(slot_id, saved[0].tokens[:n_reuse])
+                    self._start(seq, slot_id, n_reuse)
+                    continue
+                log.warning("slot %d: a prompt cache entry did not restore; dropped", slot_id)
+                self._ctx.seq_rm(slot_id, 0)
+                assert self._prompt_cache is not None
+                self._prompt_cache.discard(saved[0].tokens)
+            if donor is not None and donor[1] > n_reuse:
                 # Another slot (busy or idle) already holds a longer prefix of this prompt:
                 # copying its KV costs a memory copy instead of a prefill.
                 donor_id, n_reuse = donor

@@ -369,7 +369,9 @@ class LlamaContext:
         size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq))
         buf = np.empty(size, dtype=np.uint8)
         n = int(llama_cpp.llama_state_seq_get_data(self._ctx, buf.ctypes.data_as(_U8_P), size, seq))
-        return buf if n == size else buf[:n].copy()  # len() is what the cache holds
+        if n != size:  # llama.cpp writes all of it or nothing
+            raise LlamaError(f"llama.cpp saved {n} of {size} bytes of sequence {seq}'s state")
+        return buf
 
     def seq_state_load(self, seq: int, state: np.ndarray) -> bool:
         """Restore a state saved by seq_state_save into sequence `seq` (read in place)."""

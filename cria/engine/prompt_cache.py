@@ -64,6 +64,12 @@ class PromptCache(Generic[S]):
             self._entries.move_to_end(best[0].tokens)
         return best
 
+    def discard(self, tokens: Sequence[int]) -> None:
+        """Forget the entry for exactly these tokens (one that would not restore)."""
+        key = tuple(tokens)
+        if key in self._entries:
+            self._drop(key)
+
     def _drop(self, key: tuple[int, ...]) -> None:
         entry = self._entries.pop(key)
         self.n_bytes -= len(entry.state)

@@ -44,3 +44,12 @@ def test_a_longer_entry_replaces_its_prefix() -> None:
     cache.put([1, 2, 3], b"abc")
     assert len(cache) == 1 and cache.n_bytes == 3
     assert cache.covers([1, 2]) and cache.covers([1, 2, 3]) and not cache.covers([1, 2, 3, 4])
+
+
+def test_discard_forgets_one_entry_and_its_bytes() -> None:
+    cache = PromptCache(100)
+    cache.put([1, 2], b"ab")
+    cache.put([7], b"xyz")
+    cache.discard((1, 2))
+    cache.discard([9])  # not there: nothing happens
+    assert len(cache) == 1 and cache.n_bytes == 3 and cache.best([1, 2, 3]) is None

@@ -18,7 +18,8 @@ from cria.engine.base import EngineState
 router = APIRouter()
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])  # monitors often probe with HEAD
+@router.get("/health")
+@router.head("/health", include_in_schema=False)  # monitors often probe with HEAD
 async def health(request: Request) -> JSONResponse:
     state = state_of(request)
     engine_state = state.engine.state
