@@ -490,15 +490,17 @@ class Engine(EngineBase):
             if donor is not None and donor[1] > n_reuse:
                 # Another slot (busy or idle) already holds a longer prefix of this prompt:
                 # copying its KV costs a memory copy instead of a prefill.
-                donor_id, n_reuse = donor
-                self._ctx.seq_copy_prefix(donor_id, slot_id, n_reuse)
-                seq.slot = self._slots.acquire_copy(slot_id, donor_id, n_reuse)
-            else:
-                if not self._ctx.seq_rm(slot_id, n_reuse):
-                    # Partial removal unsupported (e.g. recurrent models): start afresh.
-                    self._ctx.seq_rm(slot_id, 0)
-                    n_reuse = 0
-                seq.slot = self._slots.acquire(slot_id, n_reuse)
+                donor_id, n_donor = donor
+                if self._ctx.seq_copy_prefix(donor_id, slot_id, n_donor):
+                    seq.slot = self._slots.acquire_copy(slot_id, donor_id, n_donor)
+                    self._start(seq, slot_id, n_donor)
+                    continue
+                n_reuse = 0  # the copy could not be cut to the prefix: it goes below
+            if not self._ctx.seq_rm(slot_id, n_reuse):
+                # Partial removal unsupported (e.g. recurrent models): start afresh.
+                self._ctx.seq_rm(slot_id, 0)
+                n_reuse = 0
+            seq.slot = self._slots.acquire(slot_id, n_reuse)
             self._start(seq, slot_id, n_reuse)
         self._waiting.extendleft(reversed(deferred))
 

@@ -354,11 +354,13 @@ class LlamaContext:
         ptr = llama_cpp.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_outputs, n_vocab))
 
-    def seq_copy_prefix(self, src: int, dst: int, n_tokens: int) -> None:
+    def seq_copy_prefix(self, src: int, dst: int, n_tokens: int) -> bool:
         """Make `dst` hold the first n_tokens of `src`. Across KV streams llama.cpp copies only
-        whole streams (the copy runs at the next decode), so the tail is dropped after."""
+        whole streams (the copy runs at the next decode), so the tail is dropped after. False
+        when it cannot be (memories that cannot drop part of a sequence): `dst` then holds all
+        of `src`."""
         llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
-        self.seq_rm(dst, n_tokens)
+        return self.seq_rm(dst, n_tokens)
 
     def seq_state_save(self, seq: int) -> np.ndarray:
         """The KV state of one sequence, as a uint8 array (for the host-memory prompt cache).
