@@ -88,7 +88,10 @@ def test_same_output_as_the_in_process_engine(server: Server, remote: Server) ->
         assert [(c["text"], c["finish_reason"], c["logprobs"]) for c in jb["choices"]] == [
             (c["text"], c["finish_reason"], c["logprobs"]) for c in ja["choices"]
         ]
-        assert jb["usage"] == ja["usage"]
+        # cached_tokens depends on what each server's caches hold: the random tag shares its
+        # first characters with earlier prompts by chance.
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+        assert [jb["usage"][k] for k in counts] == [ja["usage"][k] for k in counts]
 
 
 def test_streams_chat_and_embeddings(remote: Server) -> None:
