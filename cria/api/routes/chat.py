@@ -68,7 +68,7 @@ def _message_dicts(messages: list[protocol.ChatMessage]) -> list[dict[str, Any]]
                         param=f"messages[{i}].content[{j}]",
                     )
                 field = "refusal" if part.type == "refusal" else "text"
-                part_text = part.refusal if part.type == "refusal" else part.text
+                part_text = getattr(part, field)
                 if part_text is None:
                     raise InvalidRequest(
                         f"messages[{i}].content[{j}].{field} is required for a '{part.type}' part",
