@@ -147,7 +147,8 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
                 log_level=settings.log_level,
                 log_format=settings.log_format,
                 switch_interval=sys.getswitchinterval(),
-            )
+            ),
+            max_restarts=settings.engine_restarts,
         )
     else:
         engine = Engine(

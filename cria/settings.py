@@ -158,6 +158,14 @@ class Settings(BaseSettings):
         "the HTTP side writes responses: auto, on or off. auto: on when layers are offloaded to "
         "a GPU.",
     )
+    engine_restarts: int = _opt(
+        "--engine-restarts",
+        default=3,
+        ge=0,
+        help="With the engine in its own process: when that process dies (a crash in llama.cpp or "
+        "the GPU driver), start it again, at most this many times in 10 minutes (0: never). "
+        "Requests in flight get an error event or a 503; new ones get 503 until it is ready.",
+    )
     lenient: bool = _opt(
         "--lenient",
         default=False,

@@ -96,6 +96,8 @@ class EngineBase(ABC):
     def _require_ready(self) -> LlamaModel:
         state = self.state
         if state is EngineState.LOADING:
+            if self._failure:  # a dead engine process being started again (remote.py)
+                raise EngineUnavailable(f"the engine is restarting ({self._failure}); retry shortly")
             raise EngineUnavailable("the model is still loading; retry shortly")
         if state is EngineState.DEAD or self.model is None:
             raise EngineUnavailable(f"the engine is not running: {self._failure or 'stopped'}")

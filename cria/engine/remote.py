@@ -18,6 +18,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from collections import deque
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -39,12 +42,19 @@ from cria.errors import CriaError, EngineUnavailable, Overloaded
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 1.0
+# An engine process that dies after it was ready is started again (a crash in llama.cpp or in the
+# GPU driver need not end the service), at most max_restarts times in this window; past that it
+# stays dead and /health says so, for a supervisor to act on.
+RESTART_WINDOW_S = 600.0
 
 
 class RemoteEngine(EngineBase):
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, *, max_restarts: int = 3) -> None:
         self.config = spec.config
         self._spec = spec
+        self._max_restarts = max_restarts
+        self._restarts: deque[float] = deque()  # when each restart happened (monotonic)
+        self._n_restarts = 0
         self.model: LlamaModel | None = None
         self.embedding_model: LlamaModel | None = None
         self.embedding_max_tokens = 0
@@ -87,16 +97,28 @@ class RemoteEngine(EngineBase):
         self._observer = observer
 
     def start(self) -> None:
+        self._spawn()
+        self._reader.start()
+
+    def _spawn(self) -> None:
+        """Start an engine process and send it the spec (the reader waits for its "ready")."""
         ours, theirs = socket.socketpair()
         with theirs:
-            self._process = subprocess.Popen(
+            process = subprocess.Popen(
                 [sys.executable, "-m", "cria.engine.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,  # a terminal's Ctrl-C is for this process, which stops it
             )
-        self._conn = Connection(ours.detach())
-        self._conn.send(self._spec)
-        self._reader.start()
+        conn = Connection(ours.detach())
+        with self._lock:
+            if self._is_stopping:  # stop() came first: it will not look at this process
+                process.kill()
+                process.wait()
+                conn.close()
+                raise EOFError("the server is stopping")
+            self._process, self._conn = process, conn
+            self._n_sent = self._n_queued_reported = self._n_received_reported = 0
+        conn.send(self._spec)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
@@ -106,7 +128,8 @@ class RemoteEngine(EngineBase):
         return self._state
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._is_stopping = True
+        with self._lock:  # from here on no new engine process is started (_spawn)
+            self._is_stopping = True
         self._send(("stop",))
         process = self._process
         if process is not None:
@@ -180,7 +203,7 @@ class RemoteEngine(EngineBase):
         """A fresh snapshot from the engine process (a round trip of well under a millisecond),
         or the last one if it does not answer."""
         if self._state is not EngineState.READY:
-            return self._last_stats
+            return replace(self._last_stats, n_engine_restarts=self._n_restarts)
         done = threading.Event()
         call: list[Any] = [done, None]
         with self._lock:
@@ -192,7 +215,7 @@ class RemoteEngine(EngineBase):
             self._stats_calls.pop(call_id, None)
         if isinstance(call[1], EngineStats):
             self._last_stats = call[1]
-        return self._last_stats
+        return replace(self._last_stats, n_engine_restarts=self._n_restarts)
 
     def _send(self, message: tuple[Any, ...]) -> bool:
         """Send a message to the engine process; False if it is gone. Requests (submit, embed)
@@ -215,8 +238,6 @@ class RemoteEngine(EngineBase):
     # ---- the reader thread ----
 
     def _read(self) -> None:
-        assert self._conn is not None
-        why = "the engine process exited"
         try:
             # The vocabulary, for tokenizing here (no weights: a few MiB).
             spec = self._spec
@@ -226,8 +247,34 @@ class RemoteEngine(EngineBase):
                 self.embedding_model = LlamaModel(
                     spec.embedding_model, n_gpu_layers=0, use_mmap=True, vocab_only=True
                 )
+        except Exception as exc:
+            log.exception("the engine reader failed")
+            self._die(f"the engine reader failed: {exc!r}")
+            return
+        while True:
+            why, was_ready, may_restart = self._read_process()
+            if not (may_restart and was_ready and self._may_restart()):
+                break
+            try:
+                self._restart(why)
+            except EOFError:  # the server is stopping
+                break
+            except Exception as exc:
+                log.exception("the engine process could not be started again")
+                why = f"{why}; it could not be started again: {exc!r}"
+                break
+        self._die(why)
+
+    def _read_process(self) -> tuple[str, bool, bool]:
+        """Read the current engine process's messages until it ends: (why it ended, whether it
+        had been ready, whether starting another may help)."""
+        assert self._conn is not None
+        conn, process = self._conn, self._process
+        why = "the engine process exited"
+        was_ready = False
+        try:
             while True:
-                message = self._conn.recv()
+                message = conn.recv()
                 kind = message[0]
                 if kind == "out":
                     self._on_output(message[1], message[2], message[3])
@@ -247,19 +294,54 @@ class RemoteEngine(EngineBase):
                 elif kind == "ready":
                     self.embedding_max_tokens = message[1]
                     self._embedding_size = message[2]  # a vocab-only model does not know it
+                    was_ready = True
+                    self._failure = None
                     self._state = EngineState.READY
                     self._ready.set()
-                    log.info("engine process %d ready", self._process.pid if self._process else -1)
-                elif kind == "dead":
-                    why = message[1]
-                    break
+                    log.info("engine process %d ready", process.pid if process else -1)
+                elif kind == "dead":  # the engine loop died, or the model did not load
+                    return message[1], was_ready, was_ready
         except (EOFError, OSError):
-            if self._process is not None and self._process.poll() is not None:
-                why = f"the engine process exited with code {self._process.returncode}"
+            if process is not None:
+                try:
+                    process.wait(5.0)  # the pipe closes a moment before the exit status is there
+                except subprocess.TimeoutExpired:
+                    pass
+                if process.returncode is not None:
+                    why = f"the engine process exited with code {process.returncode}"
+            return why, was_ready, True
         except Exception as exc:
             log.exception("the engine reader failed")
-            why = f"the engine reader failed: {exc!r}"
-        self._die(why)
+            return f"the engine reader failed: {exc!r}", was_ready, False
+
+    def _may_restart(self) -> bool:
+        """Whether another restart fits in max_restarts per RESTART_WINDOW_S."""
+        if self._is_stopping:
+            return False
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
+            self._restarts.popleft()
+        return len(self._restarts) < self._max_restarts
+
+    def _restart(self, why: str) -> None:
+        """The engine process died after it was ready: fail what it held, start another."""
+        self._restarts.append(time.monotonic())
+        self._n_restarts += 1
+        log.error(
+            "%s; starting it again (restart %d, at most %d in %.0f minutes)",
+            why, self._n_restarts, self._max_restarts, RESTART_WINDOW_S / 60,
+        )  # fmt: skip
+        self._failure = f"{why}; restarting"
+        self._state = EngineState.LOADING
+        self._fail_all(EngineUnavailable(f"the engine stopped: {why}; it is restarting"))
+        process, conn = self._process, self._conn
+        if process is not None and process.poll() is None:
+            process.kill()  # e.g. it said "dead": do not leave it running
+        if process is not None:
+            process.wait()
+        if conn is not None:
+            conn.close()
+        self._spawn()
 
     def _on_queue(self, queue: tuple[int, int]) -> None:
         with self._lock:
@@ -294,7 +376,10 @@ class RemoteEngine(EngineBase):
             log.error("%s", why)
             if self._process is not None and self._process.poll() is None:
                 self._process.kill()  # e.g. the reader failed: do not leave it running
-        error = EngineUnavailable(f"the engine stopped: {why}")
+        self._fail_all(EngineUnavailable(f"the engine stopped: {why}"))
+
+    def _fail_all(self, error: EngineUnavailable) -> None:
+        """End every stream, embedding job and stats call in flight with this error."""
         with self._lock:
             streams, self._streams = self._streams, {}
             jobs, self._jobs = self._jobs, {}

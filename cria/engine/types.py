@@ -180,3 +180,4 @@ class EngineStats:
     n_kv_total_cells: int = 0  # slots x context size
     n_prompt_cache_entries: int = 0  # evicted prompts' KV states kept in host memory
     prompt_cache_bytes: int = 0  # ... and their size (at most --prompt-cache-mib)
+    n_engine_restarts: int = 0  # times a dead engine process was started again (--engine-process)

@@ -10,7 +10,8 @@ Who records what:
 - the routes, from each sequence's last Delta (its Usage and engine-taken Timings): tokens,
   successes and the per-request latency histograms; client disconnects: cancellations;
 - the engine thread, once per step (StepObserver): step time and sequences per step;
-- GET /metrics, at scrape time from engine.stats(): the queue, slot and KV cache gauges.
+- GET /metrics, at scrape time from engine.stats(): the queue, slot and KV cache gauges, and the
+  engine restarts counter.
 """
 
 from __future__ import annotations
@@ -151,6 +152,12 @@ class Metrics:
         self._cache_bytes = Gauge(
             "cria_prompt_cache_bytes", "Host memory the prompt cache's entries take.", registry=reg
         )
+        self._restarts = Counter(
+            "cria_engine_restarts",
+            "Times a dead engine process was started again (--engine-process).",
+            registry=reg,
+        )
+        self._n_restarts_counted = 0
         self._model = Info("cria_model", "The served model.", registry=reg)
         self._model.info(
             {
@@ -204,6 +211,9 @@ class Metrics:
         self._kv_total.set(stats.n_kv_total_cells)
         self._cache_entries.set(stats.n_prompt_cache_entries)
         self._cache_bytes.set(stats.prompt_cache_bytes)
+        if stats.n_engine_restarts > self._n_restarts_counted:  # a counter, kept up at scrape time
+            self._restarts.inc(stats.n_engine_restarts - self._n_restarts_counted)
+            self._n_restarts_counted = stats.n_engine_restarts
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (content type: CONTENT_TYPE)."""

@@ -1,7 +1,8 @@
 """--engine-process on: the engine runs in a child process; the HTTP side talks to it by a pipe.
 
 `auto` turns it on with GPU offload; here on the CPU it is forced on. What a client sees must be
-what the in-process engine gives; a dead engine process must give 503s, never a hang.
+what the in-process engine gives. A dead engine process is started again (`--engine-restarts`);
+past that limit it must give 503s, never a hang.
 """
 
 from __future__ import annotations
@@ -206,24 +207,52 @@ def test_queue_limit_gives_429_and_recovers(tmp_path: Path) -> None:
         stop_server(srv)
 
 
-def test_a_dead_engine_process_gives_503_not_a_hang(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, "--parallel", "2", "--engine-process", "on")
+def wait_for_status(srv: Server, wanted: str, timeout: float = 60) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = srv.health()
+        if health.get("status") == wanted:
+            return health
+        assert time.monotonic() < deadline, f"/health never said {wanted!r}: {health}"
+        time.sleep(0.05)
+
+
+def test_a_dead_engine_process_is_restarted_then_gives_503_not_a_hang(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--parallel", "2", "--engine-process", "on", "--engine-restarts", "1")
     try:
         body = {"model": MODEL_ID, "prompt": "Go on:", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        first = engine_pid(srv)
         with httpx.stream("POST", srv.v1 + "/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             next(lines)
-            os.kill(engine_pid(srv), signal.SIGKILL)
+            os.kill(first, signal.SIGKILL)
             rest = [line for line in lines if line.startswith("data: ")]
         events = [json.loads(line[6:]) for line in rest if line != "data: [DONE]"]
-        assert any("error" in e for e in events), rest[-3:]
-        deadline = time.monotonic() + 10
-        while srv.health().get("status") == "ok" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        health = httpx.get(srv.base_url + "/health", timeout=10)
-        assert health.status_code == 503 and "exited" in health.json()["error"]
+        errors = [e["error"] for e in events if "error" in e]
+        assert errors and errors[0]["code"] == "engine_unavailable", rest[-3:]
+
+        # Started again: the same answers as before, from a new process, and counted.
+        health = wait_for_status(srv, "ok")
+        engine = health["engine"]
+        assert isinstance(engine, dict) and engine["n_engine_restarts"] == 1
+        second = engine_pid(srv)
+        assert second != first and not is_running(first)
+        r = httpx.post(srv.v1 + "/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        metrics = httpx.get(srv.base_url + "/metrics", timeout=10).text
+        assert "cria_engine_restarts_total 1.0" in metrics
+        log = srv.log_path.read_text(errors="replace")
+        assert "starting it again (restart 1" in log
+
+        # Past --engine-restarts it stays dead: 503s, never a hang.
+        os.kill(second, signal.SIGKILL)
+        health = wait_for_status(srv, "dead", timeout=10)
+        assert "exited" in str(health["error"])
+        r = httpx.get(srv.base_url + "/health", timeout=10)
+        assert r.status_code == 503
         r = httpx.post(srv.v1 + "/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert not is_running(second)
     finally:
         srv.process.terminate()
         srv.process.wait(timeout=15)

@@ -44,6 +44,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "lenient": ("true", True),
     "overlap_output": ("ON", "on"),
     "engine_process": ("Off", "off"),
+    "engine_restarts": ("0", 0),
 }
 
 # The original options are a contract: their flags must not change.
@@ -79,6 +80,7 @@ BAD: list[tuple[str, str]] = [
     ("log_format", "xml"),
     ("overlap_output", "sometimes"),
     ("engine_process", "yes"),
+    ("engine_restarts", "-1"),
     ("zipkin_endpoint", "ftp://zipkin"),
     ("model_architecture", "   "),
 ]
