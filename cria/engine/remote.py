@@ -46,6 +46,7 @@ STATS_TIMEOUT_S = 1.0
 # GPU driver need not end the service), at most max_restarts times in this window; past that it
 # stays dead and /health says so, for a supervisor to act on.
 RESTART_WINDOW_S = 600.0
+RESTART_KILL_WAIT_S = 30.0
 
 
 class RemoteEngine(EngineBase):
@@ -79,6 +80,7 @@ class RemoteEngine(EngineBase):
         # What submit() bounds: the engine's queue as it last reported it, plus the requests
         # sent that it had not received then.
         self._n_sent = 0
+        self._generation = 0  # engine processes started: _n_sent counts for the current one
         self._n_queued_reported = 0
         self._n_received_reported = 0
         self._last_stats = EngineStats(
@@ -110,6 +112,10 @@ class RemoteEngine(EngineBase):
                 start_new_session=True,  # a terminal's Ctrl-C is for this process, which stops it
             )
         conn = Connection(ours.detach())
+        try:
+            conn.send(self._spec)  # first, before any other thread can send on conn
+        except OSError:
+            pass  # it died at once: the reader finds its pipe closed
         with self._lock:
             if self._is_stopping:  # stop() came first: it will not look at this process
                 process.kill()
@@ -117,8 +123,8 @@ class RemoteEngine(EngineBase):
                 conn.close()
                 raise EOFError("the server is stopping")
             self._process, self._conn = process, conn
+            self._generation += 1  # the new process counts its requests from zero
             self._n_sent = self._n_queued_reported = self._n_received_reported = 0
-        conn.send(self._spec)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
@@ -161,12 +167,14 @@ class RemoteEngine(EngineBase):
             # Registered before the send: its output may arrive as soon as the engine has it.
             self._streams[req.id] = (stream, loop)
             self._n_sent += 1
+            generation = self._generation
         try:
             self._send(("submit", req))
         except BaseException:
             with self._lock:
                 self._streams.pop(req.id, None)
-                self._n_sent -= 1
+                if self._generation == generation:  # else a restart has reset the count
+                    self._n_sent -= 1
             raise
         return stream
 
@@ -222,8 +230,16 @@ class RemoteEngine(EngineBase):
         raise EngineUnavailable instead."""
         is_request = message[0] in ("submit", "embed")
         conn = self._conn
-        if conn is None or self._state is EngineState.DEAD:
+        # A request goes only to a ready engine. Its stream is registered before this check, and
+        # _restart and _die change the state before they fail every registered stream: so a
+        # request either is refused here or is failed there, never left with a dying process.
+        state = self._state
+        if conn is None or state is EngineState.DEAD or (is_request and state is not EngineState.READY):
             if is_request:
+                if state is EngineState.LOADING:
+                    raise EngineUnavailable(
+                        f"the engine is restarting ({self._failure or 'loading'}); retry shortly"
+                    )
                 raise EngineUnavailable(f"the engine is not running: {self._failure or 'stopped'}")
             return False
         try:
@@ -326,22 +342,27 @@ class RemoteEngine(EngineBase):
     def _restart(self, why: str) -> None:
         """The engine process died after it was ready: fail what it held, start another."""
         self._restarts.append(time.monotonic())
-        self._n_restarts += 1
         log.error(
             "%s; starting it again (restart %d, at most %d in %.0f minutes)",
-            why, self._n_restarts, self._max_restarts, RESTART_WINDOW_S / 60,
+            why, self._n_restarts + 1, self._max_restarts, RESTART_WINDOW_S / 60,
         )  # fmt: skip
-        self._failure = f"{why}; restarting"
+        self._failure = why  # /health: "loading", with this as its error
         self._state = EngineState.LOADING
         self._fail_all(EngineUnavailable(f"the engine stopped: {why}; it is restarting"))
         process, conn = self._process, self._conn
         if process is not None and process.poll() is None:
             process.kill()  # e.g. it said "dead": do not leave it running
         if process is not None:
-            process.wait()
+            # One that SIGKILL cannot end (stuck in a driver) would hold its GPU memory: give up.
+            process.wait(RESTART_KILL_WAIT_S)  # raises TimeoutExpired: _read then gives up
         if conn is not None:
             conn.close()
         self._spawn()
+        self._n_restarts += 1
+
+    @property
+    def n_restarts(self) -> int:
+        return self._n_restarts
 
     def _on_queue(self, queue: tuple[int, int]) -> None:
         with self._lock:

@@ -211,9 +211,12 @@ class Metrics:
         self._kv_total.set(stats.n_kv_total_cells)
         self._cache_entries.set(stats.n_prompt_cache_entries)
         self._cache_bytes.set(stats.prompt_cache_bytes)
-        if stats.n_engine_restarts > self._n_restarts_counted:  # a counter, kept up at scrape time
-            self._restarts.inc(stats.n_engine_restarts - self._n_restarts_counted)
-            self._n_restarts_counted = stats.n_engine_restarts
+
+    def set_engine_restarts(self, n_restarts: int) -> None:
+        """A counter kept up at scrape time, whatever the engine's state."""
+        if n_restarts > self._n_restarts_counted:
+            self._restarts.inc(n_restarts - self._n_restarts_counted)
+            self._n_restarts_counted = n_restarts
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (content type: CONTENT_TYPE)."""

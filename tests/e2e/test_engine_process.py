@@ -231,6 +231,13 @@ def test_a_dead_engine_process_is_restarted_then_gives_503_not_a_hang(tmp_path: 
         errors = [e["error"] for e in events if "error" in e]
         assert errors and errors[0]["code"] == "engine_unavailable", rest[-3:]
 
+        # While the new process loads (about a second), requests get a 503 that says why.
+        r = httpx.post(srv.v1 + "/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=60)
+        if r.status_code != 200:
+            error = r.json()["error"]
+            assert r.status_code == 503 and error["code"] == "engine_unavailable", r.text
+            assert "restarting" in error["message"] and "exited" in error["message"], r.text
+
         # Started again: the same answers as before, from a new process, and counted.
         health = wait_for_status(srv, "ok")
         engine = health["engine"]

@@ -18,4 +18,5 @@ async def metrics(request: Request) -> Response:
     state = state_of(request)
     if state.engine.state is EngineState.READY:  # the gauges are read at scrape time
         state.metrics.set_engine(state.engine.stats())
+    state.metrics.set_engine_restarts(state.engine.n_restarts)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
