@@ -96,18 +96,18 @@ def test_same_output_as_the_in_process_engine(server: Server, remote: Server) ->
 
 
 def test_streams_chat_and_embeddings(remote: Server) -> None:
-    client = openai.OpenAI(base_url=remote.v1, api_key="unused", max_retries=0, timeout=60)
-    messages = [{"role": "user", "content": fresh("Say something.")}]
-    whole = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=16, temperature=0)  # type: ignore[arg-type]
-    chunks = list(client.chat.completions.create(
-        model=MODEL_ID, messages=messages, max_tokens=16, temperature=0, stream=True,  # type: ignore[arg-type]
-        stream_options={"include_usage": True},
-    ))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == whole.choices[0].message.content
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
-    emb = client.embeddings.create(model=MODEL_ID, input=["one", "two three"], dimensions=32)
-    assert [len(d.embedding) for d in emb.data] == [32, 32]
+    with openai.OpenAI(base_url=remote.v1, api_key="unused", max_retries=0, timeout=60) as client:
+        messages = [{"role": "user", "content": fresh("Say something.")}]
+        whole = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=16, temperature=0)  # type: ignore[arg-type]
+        chunks = list(client.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=16, temperature=0, stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        ))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+        emb = client.embeddings.create(model=MODEL_ID, input=["one", "two three"], dimensions=32)
+        assert [len(d.embedding) for d in emb.data] == [32, 32]
     r = httpx.post(remote.base_url + "/tokenize", json={"content": "hello world"}, timeout=10)
     assert r.status_code == 200 and r.json()["count"] > 0
 
