@@ -260,16 +260,16 @@ def test_embedding_model_is_listed_beside_the_chat_model(two_model_server: Serve
 
 
 def test_embedding_model_serves_embeddings(two_model_server: Server, client: openai.OpenAI) -> None:
-    other = openai.OpenAI(base_url=two_model_server.v1, api_key="unused", max_retries=0, timeout=60)
-    r = other.embeddings.create(model=EMBEDDER_ID, input=[PARAPHRASE_A, "abc"])
-    assert r.model == EMBEDDER_ID and len(r.data) == 2
-    same_file = embed(client, [PARAPHRASE_A, "abc"])  # the chat model of the main server
-    for d, want in zip(r.data, same_file):
-        assert cosine(d.embedding, want) > 0.9999
-    chat = other.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
-    )
-    assert chat.choices[0].finish_reason in {"stop", "length"}
+    with openai.OpenAI(base_url=two_model_server.v1, api_key="unused", max_retries=0, timeout=60) as other:
+        r = other.embeddings.create(model=EMBEDDER_ID, input=[PARAPHRASE_A, "abc"])
+        assert r.model == EMBEDDER_ID and len(r.data) == 2
+        same_file = embed(client, [PARAPHRASE_A, "abc"])  # the chat model of the main server
+        for d, want in zip(r.data, same_file):
+            assert cosine(d.embedding, want) > 0.9999
+        chat = other.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+        assert chat.choices[0].finish_reason in {"stop", "length"}
 
 
 def test_each_endpoint_rejects_the_other_model(two_model_server: Server) -> None:
@@ -287,11 +287,11 @@ def test_each_endpoint_rejects_the_other_model(two_model_server: Server) -> None
 
 def test_the_longest_allowed_input_is_embedded(two_model_server: Server) -> None:
     # 256 tokens (this server's context and batch) fill a whole decode: the next input needs another.
-    other = openai.OpenAI(base_url=two_model_server.v1, api_key="unused", max_retries=0, timeout=60)
-    r = other.embeddings.create(model=EMBEDDER_ID, input=[[28] * 256, [29] * 5], encoding_format="float")
-    assert r.usage.prompt_tokens == 261
-    assert all(norm(d.embedding) == pytest.approx(1.0, abs=1e-5) for d in r.data)
-    assert httpx.get(two_model_server.base_url + "/health", timeout=10).json()["engine"]["n_embedding_decodes"] >= 2
+    with openai.OpenAI(base_url=two_model_server.v1, api_key="unused", max_retries=0, timeout=60) as other:
+        r = other.embeddings.create(model=EMBEDDER_ID, input=[[28] * 256, [29] * 5], encoding_format="float")
+        assert r.usage.prompt_tokens == 261
+        assert all(norm(d.embedding) == pytest.approx(1.0, abs=1e-5) for d in r.data)
+        assert httpx.get(two_model_server.base_url + "/health", timeout=10).json()["engine"]["n_embedding_decodes"] >= 2
 
 
 def test_a_client_that_leaves_drops_its_remaining_inputs(two_model_server: Server) -> None:
