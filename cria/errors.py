@@ -9,6 +9,7 @@ class CriaError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After: worth retrying then
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -63,6 +64,13 @@ class EngineUnavailable(CriaError):
     status = 503
     type = "server_error"
     code = "engine_unavailable"
+
+
+class EngineLoading(EngineUnavailable):
+    """The engine is loading the model (at start, or again after its process died): retrying
+    in a moment will work."""
+
+    retry_after = 1
 
 
 class EngineFailure(CriaError):

@@ -17,7 +17,6 @@ from cria.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
-    Overloaded,
 )
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def error_body(error: CriaError) -> dict[str, Any]:
 
 
 def error_response(error: CriaError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
     return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from cria.engine.llama import LlamaModel
 from cria.engine.stream import RequestStream
 from cria.engine.types import EmbeddingRequest, EmbeddingResult, EngineStats, GenerationRequest
-from cria.errors import ContextOverflow, EngineUnavailable, InvalidRequest
+from cria.errors import ContextOverflow, EngineLoading, EngineUnavailable, InvalidRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +102,8 @@ class EngineBase(ABC):
         state = self.state
         if state is EngineState.LOADING:
             if self._failure:  # a dead engine process being started again (remote.py)
-                raise EngineUnavailable(f"the engine is restarting ({self._failure}); retry shortly")
-            raise EngineUnavailable("the model is still loading; retry shortly")
+                raise EngineLoading(f"the engine is restarting ({self._failure}); retry shortly")
+            raise EngineLoading("the model is still loading; retry shortly")
         if state is EngineState.DEAD or self.model is None:
             raise EngineUnavailable(f"the engine is not running: {self._failure or 'stopped'}")
         return self.model

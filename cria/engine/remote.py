@@ -37,7 +37,7 @@ from cria.engine.types import (
     GenerationRequest,
 )
 from cria.engine.worker import WorkerSpec, unpack
-from cria.errors import CriaError, EngineUnavailable, Overloaded
+from cria.errors import CriaError, EngineLoading, EngineUnavailable, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class RemoteEngine(EngineBase):
         if conn is None or state is EngineState.DEAD or (is_request and state is not EngineState.READY):
             if is_request:
                 if state is EngineState.LOADING:
-                    raise EngineUnavailable(
+                    raise EngineLoading(
                         f"the engine is restarting ({self._failure or 'loading'}); retry shortly"
                     )
                 raise EngineUnavailable(f"the engine is not running: {self._failure or 'stopped'}")

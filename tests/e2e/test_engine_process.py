@@ -237,6 +237,7 @@ def test_a_dead_engine_process_is_restarted_then_gives_503_not_a_hang(tmp_path: 
             error = r.json()["error"]
             assert r.status_code == 503 and error["code"] == "engine_unavailable", r.text
             assert "restarting" in error["message"] and "exited" in error["message"], r.text
+            assert r.headers["retry-after"] == "1"  # the OpenAI SDKs wait that long, then retry
 
         # Started again: the same answers as before, from a new process, and counted.
         health = wait_for_status(srv, "ok")
@@ -259,6 +260,7 @@ def test_a_dead_engine_process_is_restarted_then_gives_503_not_a_hang(tmp_path: 
         assert r.status_code == 503
         r = httpx.post(srv.v1 + "/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=10)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert "retry-after" not in r.headers  # nothing to wait for
         assert not is_running(second)
     finally:
         srv.process.terminate()

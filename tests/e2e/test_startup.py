@@ -126,6 +126,7 @@ def test_model_that_fails_to_load_gives_503(tmp_path: Path) -> None:
         assert r.status_code == 503 and r.json()["error"]
         c = httpx.post(port_server + "/v1/completions", json={"model": "broken", "prompt": "Hi"}, timeout=10)
         assert c.status_code == 503 and c.json()["error"]["code"] == "engine_unavailable"
+        assert "retry-after" not in c.headers  # dead: retrying will not help
     finally:
         _stop_unhealthy()
 

@@ -8,9 +8,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cria.api.errors import _param_of, error_body, from_validation_error
+from cria.api.errors import _param_of, error_body, error_response, from_validation_error
 from cria.api.protocol import ChatCompletionRequest, CompletionRequest
-from cria.errors import ContextOverflow, InvalidRequest, Overloaded
+from cria.errors import (
+    ContextOverflow,
+    EngineLoading,
+    EngineUnavailable,
+    InvalidRequest,
+    Overloaded,
+)
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -183,3 +189,19 @@ def test_error_classes_fix_status_and_code() -> None:
     assert busy.retry_after == 1
     assert InvalidRequest("x", code="custom").code == "custom"
     assert InvalidRequest("x").code is None
+
+
+@pytest.mark.parametrize(
+    ("error", "retry_after"),
+    [
+        (Overloaded("busy"), "1"),  # the queue is full: it drains
+        (EngineLoading("loading"), "1"),  # the model loads (again): it will be ready
+        (EngineUnavailable("dead"), None),  # dead: retrying will not help
+        (InvalidRequest("bad"), None),
+    ],
+)
+def test_retry_after_only_where_a_retry_can_work(error: Exception, retry_after: str | None) -> None:
+    assert isinstance(error, (Overloaded, EngineUnavailable, InvalidRequest))
+    response = error_response(error)
+    assert response.headers.get("retry-after") == retry_after
+    assert response.status_code == error.status
