@@ -89,7 +89,37 @@ EXTRA_METRICS = [
     "requests_not_max_tokens",
     "usage_missing",
     "mean_prompt_tokens",
+    "engine_python_share",  # Cria only, from /health's totals around the run
+    "engine_python_us_per_seq",
 ]
+
+
+def engine_totals(server: Server) -> dict[str, float] | None:
+    """Cria's engine totals from /health (steps' time, its Python time in them, sequences
+    summed over steps); None for a server without them."""
+    try:
+        url = f"http://127.0.0.1:{server.port}{server.health_path}"
+        engine = httpx.get(url, timeout=10).json().get("engine") or {}
+    except (httpx.HTTPError, ValueError):
+        return None
+    keys = ("step_seconds", "python_seconds", "n_seq_steps")
+    return {k: float(engine[k]) for k in keys} if all(k in engine for k in keys) else None
+
+
+def engine_python(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any]:
+    """The engine's Python time (outside llama_decode and sampling) over one run: its share of
+    the step time, and microseconds per running sequence per step."""
+    if before is None or after is None:
+        return {}
+    busy = after["step_seconds"] - before["step_seconds"]
+    python = after["python_seconds"] - before["python_seconds"]
+    seqs = after["n_seq_steps"] - before["n_seq_steps"]
+    if busy <= 0 or seqs <= 0:
+        return {}
+    return {
+        "engine_python_share": round(python / busy, 4),
+        "engine_python_us_per_seq": round(1e6 * python / seqs, 1),
+    }
 
 
 def log(msg: str) -> None:
@@ -810,7 +840,10 @@ def bench_server(
                 if proc.poll() is not None:
                     raise RuntimeError(f"server died (code {proc.returncode})\n{server.log_tail()}")
                 log(f"round {rnd}: {name} c={c} n={n} max_tokens={args.max_tokens}")
+                before = engine_totals(server) if name == "cria" else None
                 s = load_run(server, rec["model_id"], args, c, n, extra_body, timeout)
+                if s["status"] == "ok" and before is not None:
+                    s.update(engine_python(before, engine_totals(server)))
                 rec["loads"][str(c)] = s
                 if s["status"] == "ok":
                     log(
@@ -1132,6 +1165,21 @@ def render_table(
                 )
         if notes:
             lines.append("  note: " + "; ".join(notes))
+    if "cria" in med:
+        parts = []
+        for c in args.concurrency_levels:
+            d = med["cria"]["load"][str(c)]
+            if d.get("engine_python_share") is not None:
+                parts.append(
+                    f"c={c} {100 * d['engine_python_share']:.1f}% "
+                    f"({fmt(d.get('engine_python_us_per_seq'), 1)} us/seq)"
+                )
+        if parts:
+            lines.append("")
+            lines.append(
+                "Cria's engine Python (outside llama_decode and sampling), share of the step "
+                "(us per sequence per step): " + "; ".join(parts)
+            )
     for p in peers:
         pr = rat[f"cria/{p}"].get("paired") or {}
         lines.append("")

@@ -172,6 +172,9 @@ class EngineStats:
     python_us_per_step: float = 0.0  # engine time outside llama_decode and sampling, per step
     python_us_per_seq: float = 0.0  # ... per sequence per step
     python_share: float = 0.0  # ... as a share of the step
+    step_seconds: float = 0.0  # totals since start, for rates over any interval: steps' time,
+    python_seconds: float = 0.0  # ... the engine's Python time in them,
+    n_seq_steps: int = 0  # ... and sequences summed over steps
     n_embedding_jobs: int = 0  # embedding requests queued or in progress
     n_embedding_decodes: int = 0
     max_inputs_per_embedding_decode: int = 0  # evidence of batching across requests
