@@ -42,11 +42,15 @@ from cria.errors import CriaError, EngineLoading, EngineUnavailable, Overloaded
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 1.0
-# An engine process that dies after it was ready is started again (a crash in llama.cpp or in the
-# GPU driver need not end the service), at most max_restarts times in this window; past that it
-# stays dead and /health says so, for a supervisor to act on.
+# Once the model has loaded, an engine process that dies is started again (a crash in llama.cpp or
+# in the GPU driver need not end the service), at most max_restarts times in this window; past
+# that it stays dead and /health says so, for a supervisor to act on. A model that never loaded is
+# not retried: that is a bad model or option, not a crash.
 RESTART_WINDOW_S = 600.0
 RESTART_KILL_WAIT_S = 30.0
+# The first restart in the window is at once; each next one waits twice as long as the one before
+# (1 s, 2 s, ...; at most RESTART_DELAY_MAX_S), e.g. for a driver to release the dead one's memory.
+RESTART_DELAY_MAX_S = 8.0
 
 
 class RemoteEngine(EngineBase):
@@ -64,6 +68,8 @@ class RemoteEngine(EngineBase):
         self._state = EngineState.LOADING
         self._ready = threading.Event()
         self._is_stopping = False
+        self._stopping = threading.Event()  # set with _is_stopping: wakes a restart's wait
+        self._has_loaded = False  # an engine process has been ready once: the model loads
         self._observer: StepObserver | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -136,6 +142,7 @@ class RemoteEngine(EngineBase):
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:  # from here on no new engine process is started (_spawn)
             self._is_stopping = True
+        self._stopping.set()
         self._send(("stop",))
         process = self._process
         if process is not None:
@@ -268,8 +275,15 @@ class RemoteEngine(EngineBase):
             self._die(f"the engine reader failed: {exc!r}")
             return
         while True:
-            why, was_ready, may_restart = self._read_process()
-            if not (may_restart and was_ready and self._may_restart()):
+            why, may_restart = self._read_process()
+            if not (may_restart and self._has_loaded) or self._is_stopping:
+                break
+            if not self._may_restart():
+                log.error(
+                    "%s; not starting it again: %d restarts in the last %.0f minutes "
+                    "(--engine-restarts %d)",
+                    why, len(self._restarts), RESTART_WINDOW_S / 60, self._max_restarts,
+                )  # fmt: skip
                 break
             try:
                 self._restart(why)
@@ -281,13 +295,12 @@ class RemoteEngine(EngineBase):
                 break
         self._die(why)
 
-    def _read_process(self) -> tuple[str, bool, bool]:
-        """Read the current engine process's messages until it ends: (why it ended, whether it
-        had been ready, whether starting another may help)."""
+    def _read_process(self) -> tuple[str, bool]:
+        """Read the current engine process's messages until it ends: (why it ended, whether
+        starting another may help)."""
         assert self._conn is not None
         conn, process = self._conn, self._process
         why = "the engine process exited"
-        was_ready = False
         try:
             while True:
                 message = conn.recv()
@@ -310,13 +323,13 @@ class RemoteEngine(EngineBase):
                 elif kind == "ready":
                     self.embedding_max_tokens = message[1]
                     self._embedding_size = message[2]  # a vocab-only model does not know it
-                    was_ready = True
+                    self._has_loaded = True
                     self._failure = None
                     self._state = EngineState.READY
                     self._ready.set()
                     log.info("engine process %d ready", process.pid if process else -1)
                 elif kind == "dead":  # the engine loop died, or the model did not load
-                    return message[1], was_ready, was_ready
+                    return message[1], True
         except (EOFError, OSError):
             if process is not None:
                 try:
@@ -325,30 +338,33 @@ class RemoteEngine(EngineBase):
                     pass
                 if process.returncode is not None:
                     why = f"the engine process exited with code {process.returncode}"
-            return why, was_ready, True
+            return why, True
         except Exception as exc:
             log.exception("the engine reader failed")
-            return f"the engine reader failed: {exc!r}", was_ready, False
+            return f"the engine reader failed: {exc!r}", False
 
     def _may_restart(self) -> bool:
         """Whether another restart fits in max_restarts per RESTART_WINDOW_S."""
-        if self._is_stopping:
-            return False
         now = time.monotonic()
         while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
             self._restarts.popleft()
         return len(self._restarts) < self._max_restarts
 
     def _restart(self, why: str) -> None:
-        """The engine process died after it was ready: fail what it held, start another."""
+        """The engine process died once the model had loaded: fail what it held, start another
+        (raises EOFError if the server stops meanwhile)."""
+        delay = 0.0 if not self._restarts else min(2.0 ** (len(self._restarts) - 1), RESTART_DELAY_MAX_S)
         self._restarts.append(time.monotonic())
         log.error(
-            "%s; starting it again (restart %d, at most %d in %.0f minutes)",
-            why, self._n_restarts + 1, self._max_restarts, RESTART_WINDOW_S / 60,
+            "%s; starting it again%s (restart %d, at most %d in %.0f minutes)",
+            why, f" in {delay:.0f} s" if delay else "", self._n_restarts + 1, self._max_restarts,
+            RESTART_WINDOW_S / 60,
         )  # fmt: skip
         self._failure = why  # /health: "loading", with this as its error
         self._state = EngineState.LOADING
-        self._fail_all(EngineUnavailable(f"the engine stopped: {why}; it is restarting"))
+        # A retry works once the new process is ready: a 503 with Retry-After, which the OpenAI
+        # SDKs wait for and retry.
+        self._fail_all(EngineLoading(f"the engine stopped: {why}; it is restarting"))
         process, conn = self._process, self._conn
         if process is not None and process.poll() is None:
             process.kill()  # e.g. it said "dead": do not leave it running
@@ -357,6 +373,8 @@ class RemoteEngine(EngineBase):
             process.wait(RESTART_KILL_WAIT_S)  # raises TimeoutExpired: _read then gives up
         if conn is not None:
             conn.close()
+        if delay and self._stopping.wait(delay):
+            raise EOFError("the server is stopping")
         self._spawn()
         self._n_restarts += 1
 
