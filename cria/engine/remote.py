@@ -67,8 +67,7 @@ class RemoteEngine(EngineBase):
         self._failure: str | None = None
         self._state = EngineState.LOADING
         self._ready = threading.Event()
-        self._is_stopping = False
-        self._stopping = threading.Event()  # set with _is_stopping: wakes a restart's wait
+        self._stopping = threading.Event()  # stop() was called (it also wakes a restart's wait)
         self._has_loaded = False  # an engine process has been ready once: the model loads
         self._observer: StepObserver | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -123,7 +122,7 @@ class RemoteEngine(EngineBase):
         except OSError:
             pass  # it died at once: the reader finds its pipe closed
         with self._lock:
-            if self._is_stopping:  # stop() came first: it will not look at this process
+            if self._stopping.is_set():  # stop() came first: it will not look at this process
                 process.kill()
                 process.wait()
                 conn.close()
@@ -141,8 +140,7 @@ class RemoteEngine(EngineBase):
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._lock:  # from here on no new engine process is started (_spawn)
-            self._is_stopping = True
-        self._stopping.set()
+            self._stopping.set()
         self._send(("stop",))
         process = self._process
         if process is not None:
@@ -276,7 +274,7 @@ class RemoteEngine(EngineBase):
             return
         while True:
             why, may_restart = self._read_process()
-            if not (may_restart and self._has_loaded) or self._is_stopping:
+            if not (may_restart and self._has_loaded) or self._stopping.is_set():
                 break
             if not self._may_restart():
                 log.error(
@@ -411,7 +409,7 @@ class RemoteEngine(EngineBase):
         self._failure = why
         self._state = EngineState.DEAD
         self._ready.set()
-        if not self._is_stopping:
+        if not self._stopping.is_set():
             log.error("%s", why)
             if self._process is not None and self._process.poll() is None:
                 self._process.kill()  # e.g. the reader failed: do not leave it running
