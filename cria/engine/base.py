@@ -78,11 +78,6 @@ class EngineBase(ABC):
     def failure(self) -> str | None:
         return self._failure
 
-    @property
-    def n_restarts(self) -> int:
-        """Times the engine was started again after it died (the engine process only)."""
-        return 0
-
     @abstractmethod
     def submit(self, req: GenerationRequest) -> RequestStream:
         """Queue a request; returns its stream of Deltas. Must be called on the event loop."""

@@ -376,10 +376,6 @@ class RemoteEngine(EngineBase):
         self._spawn()
         self._n_restarts += 1
 
-    @property
-    def n_restarts(self) -> int:
-        return self._n_restarts
-
     def _on_queue(self, queue: tuple[int, int]) -> None:
         with self._lock:
             self._n_queued_reported, self._n_received_reported = queue

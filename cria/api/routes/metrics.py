@@ -16,7 +16,8 @@ router = APIRouter()
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = state_of(request)
+    stats = state.engine.stats()  # when not ready, the last snapshot: only its restarts count
     if state.engine.state is EngineState.READY:  # the gauges are read at scrape time
-        state.metrics.set_engine(state.engine.stats())
-    state.metrics.set_engine_restarts(state.engine.n_restarts)
+        state.metrics.set_engine(stats)
+    state.metrics.set_engine_restarts(stats.n_engine_restarts)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
