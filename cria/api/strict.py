@@ -33,7 +33,10 @@ def _is_none(value: Any) -> bool:
 
 
 def _is_in(*allowed: Any) -> Callable[[Any], bool]:
-    return lambda value: value is None or value in allowed
+    # Compared with the type too: `store: 0` is not `store: false` (0 == False in Python).
+    return lambda value: (
+        value is None or any(type(value) is type(a) and value == a for a in allowed)
+    )
 
 
 # OpenAI fields declared as Any in protocol.py: the values this server honours, and why not

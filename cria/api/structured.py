@@ -1,12 +1,13 @@
 """Structured output: response_format and tool schemas -> a llama.cpp grammar, or a 400.
 
-A schema is first checked against JSON Schema's meta-schema (invalid -> 400), then compiled to
-GBNF by cria.grammar; a feature the grammar cannot enforce is a 400 naming it, never dropped.
+A schema is first checked against the meta-schema of the draft its `$schema` names (2020-12 when
+it names none, as OpenAI; invalid -> 400), then compiled to GBNF by cria.grammar; a feature the
+grammar cannot enforce is a 400 naming it, never dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cria.api.protocol import ResponseFormat
@@ -25,13 +26,22 @@ from cria.grammar import (
 TOOL_CALL_TRIGGER = "<tool_call>"
 
 
+def validator_class(schema: Any) -> Any:
+    """jsonschema's validator for the draft `schema` declares (draft 4 reads `exclusiveMinimum:
+    true` and `definitions` its own way), Draft 2020-12 when it declares none or an unknown one."""
+    import jsonschema  # type: ignore[import-untyped]  # here: only requests with a schema need it
+    from jsonschema import validators
+
+    return validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+
+
 def _check_schema(schema: Any, param: str) -> None:
     if not isinstance(schema, dict | bool):
         raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
     import jsonschema  # type: ignore[import-untyped]  # here: only requests with a schema need it
 
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        validator_class(schema).check_schema(schema)
     except RecursionError:
         raise InvalidRequest(f"{param} is nested too deeply", param=param) from None
     except jsonschema.SchemaError as exc:
@@ -87,8 +97,31 @@ def check_tool_schemas(functions: Sequence[Function]) -> None:
         _compile(fn.parameters, f"tools[{i}].function.parameters")
 
 
+def _chosen(functions: Sequence[Function], choice: ToolChoice) -> list[Function]:
+    return [f for f in functions if choice.mode != "named" or f.name == choice.name]
+
+
 def tool_grammar(functions: Sequence[Function], choice: ToolChoice, *, parallel: bool) -> str:
-    """The grammar of tool calls allowed by `choice` (required: any function; named: that
+    """The grammar of tool calls allowed by `choice` (auto, required: any function; named: that
     one)."""
-    chosen = [f for f in functions if choice.mode != "named" or f.name == choice.name]
+    chosen = _chosen(functions, choice)
     return tool_call_grammar([(f.name, f.parameters) for f in chosen], parallel=parallel)
+
+
+def call_checker(functions: Sequence[Function], choice: ToolChoice) -> Callable[[str, Any], bool]:
+    """`accept(name, arguments)`: the function is one `choice` allows and the arguments validate
+    against its parameters. The grammar already ensures both; this is the last check before a
+    call goes out, so that a call that does not validate is never returned."""
+    validators = {}
+    for f in _chosen(functions, choice):
+        parameters = f.parameters or {"type": "object"}
+        validators[f.name] = validator_class(parameters)(parameters)
+
+    def accept(name: str, arguments: Any) -> bool:
+        validator = validators.get(name)
+        try:
+            return validator is not None and bool(validator.is_valid(arguments))
+        except RecursionError:
+            return False
+
+    return accept

@@ -17,6 +17,22 @@ class _TemplateRaised(Exception):
     pass
 
 
+# What a template's own code can raise on messages it does not expect (`'x' + none`, a filter
+# given the wrong type, an index out of range, runaway recursion): the request gets a 400 naming
+# the messages, never a 500. A GGUF's template is data, so its failures are the input's.
+_RENDER_ERRORS = (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, RecursionError)
+
+
+def _for_template(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A message as templates expect it: `content` a string. OpenAI allows an assistant message
+    without content (or `content: null`); it means no text, and most templates concatenate
+    `message['content']`. An assistant turn with `tool_calls` keeps a null content: templates
+    that render calls tell "calls only" apart by `content is none`."""
+    if message.get("content") is None and not message.get("tool_calls"):
+        return {**message, "content": ""}
+    return message
+
+
 def _raise_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
@@ -53,7 +69,7 @@ class ChatTemplate:
         extra = {} if tools is None else {"tools": list(tools)}
         try:
             return self._template.render(
-                messages=list(messages),
+                messages=[_for_template(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -63,3 +79,8 @@ class ChatTemplate:
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
         except jinja2.TemplateError as exc:
             raise InvalidRequest(f"the model's chat template failed on these messages: {exc}", param="messages") from None
+        except _RENDER_ERRORS as exc:
+            raise InvalidRequest(
+                f"the model's chat template failed on these messages: {type(exc).__name__}: {exc}",
+                param="messages",
+            ) from None

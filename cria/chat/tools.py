@@ -14,40 +14,49 @@ and the format in the system prompt (`tools_system_prompt`); assistant calls in 
 rendered as `<tool_call>` blocks and tool results as user turns holding `<tool_response>` blocks.
 Only the tagged format is recognised: a bare JSON object without the tags is ordinary content.
 
-The parser (`ToolCallParser`) is incremental and character driven, so that its results do not
-depend on how the output is split into pieces:
-
-* content: text outside blocks streams out at once, except a suffix that could begin
-  `<tool_call>` and trailing whitespace (both held until the next piece shows what they are).
-  Whitespace that touches a block (directly before its tag, or directly after its end) is
-  dropped, so whitespace-only text around and between blocks never comes out;
-* head: after `<tool_call>`, the text must match `{"name": "NAME", "arguments": {` (the key may
-  be "parameters"; JSON whitespace anywhere between tokens). `CallStart` is emitted when the
-  arguments' opening `{` arrives. The arguments must be a JSON object: OpenAI's `arguments` is
-  always one, and it lets the caller rely on it. As soon as a character makes the match
-  impossible, the block text read so far (tag included) becomes content again;
-* arguments: a small scanner (brace depth, inside a string, after a backslash) finds where the
-  object ends; everything up to there streams out as `CallArguments`, exactly as written;
-* tail: after the object, anything up to `</tool_call>` is skipped (normally `}` and a newline).
-  A `<tool_call>` found first starts the next call (a model that forgot the closing tag).
-
-At `finish()`, held-back text becomes content, a block that never reached `CallStart` becomes
-content, and a call whose arguments never completed (cut by max_tokens) adds nothing more.
+The model's output is parsed into content and calls by `cria.chat.tool_parser` (its names are
+re-exported here).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cria.chat.tool_parser import (  # re-exported: the route and the tests import them from here
+    CLOSE_TAG,
+    OPEN_TAG,
+    CallArguments,
+    CallStart,
+    ContentText,
+    Event,
+    ToolCallParser,
+    collect_calls,
+    new_call_id,
+)
 from cria.errors import InvalidRequest
 
-OPEN_TAG = "<tool_call>"
-CLOSE_TAG = "</tool_call>"
+__all__ = [
+    "CLOSE_TAG",
+    "OPEN_TAG",
+    "CallArguments",
+    "CallStart",
+    "ContentText",
+    "Event",
+    "Function",
+    "ToolCallParser",
+    "ToolChoice",
+    "collect_calls",
+    "messages_for_template",
+    "new_call_id",
+    "parse_tool_choice",
+    "parse_tools",
+    "tools_system_prompt",
+]
+
 MAX_TOOLS = 128
 
 _NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -311,271 +320,3 @@ def messages_for_template(
     else:
         out.insert(0, {"role": "system", "content": prompt})
     return out, None
-
-
-# ---------------------------------------------------------------- parsing the output
-
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
-
-
-@dataclass(frozen=True, slots=True)
-class ContentText:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class CallStart:
-    index: int
-    id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class CallArguments:
-    index: int
-    fragment: str
-
-
-Event = ContentText | CallStart | CallArguments
-
-_JSON_WS = " \t\n\r"
-# The head of a call, token by token (JSON whitespace allowed before each); None is the name,
-# a JSON string. The last token is the arguments' opening brace.
-_HEAD: tuple[tuple[str, ...] | None, ...] = (
-    ("{",),
-    ('"name"',),
-    (":",),
-    None,
-    (",",),
-    ('"arguments"', '"parameters"'),
-    (":",),
-    ("{",),
-)
-
-
-class _Head:
-    """Matches the head of one call a character at a time; see `_HEAD`."""
-
-    def __init__(self) -> None:
-        self._token = 0
-        self._literal = ""  # characters of the current literal token matched so far
-        self._name: list[str] | None = None  # raw characters of the name string once opened
-        self._escaped = False
-        self.name = ""
-
-    def push(self, ch: str) -> bool | None:
-        """True: the head is complete (`ch` was its last character); False: it cannot match."""
-        token = _HEAD[self._token]
-        if token is None:
-            return self._push_name(ch)
-        if not self._literal and ch in _JSON_WS:
-            return None
-        self._literal += ch
-        if not any(alt.startswith(self._literal) for alt in token):
-            return False
-        if self._literal in token:
-            self._literal = ""
-            self._token += 1
-            return True if self._token == len(_HEAD) else None
-        return None
-
-    def _push_name(self, ch: str) -> bool | None:
-        if self._name is None:
-            if ch in _JSON_WS:
-                return None
-            if ch != '"':
-                return False
-            self._name = []
-            return None
-        if self._escaped or ch != '"':
-            self._escaped = not self._escaped and ch == "\\"
-            self._name.append(ch)
-            return None
-        try:
-            self.name = json.loads('"' + "".join(self._name) + '"')
-        except ValueError:
-            return False
-        if not self.name:
-            return False
-        self._token += 1
-        return None
-
-
-_CONTENT, _HEAD_STATE, _ARGUMENTS, _TAIL = range(4)
-
-
-def _tag_prefix_len(text: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of the opening tag."""
-    for n in range(min(len(text), len(OPEN_TAG) - 1), 0, -1):
-        if OPEN_TAG.startswith(text[-n:]):
-            return n
-    return 0
-
-
-class ToolCallParser:
-    """Turns the model's output, fed in arbitrary pieces, into content and tool call events.
-
-    See the module docstring for the rules. `feed` returns what can be told so far; `finish`,
-    called once at the end of generation, returns the rest.
-    """
-
-    def __init__(self, *, id_factory: Callable[[], str] = new_call_id) -> None:
-        self._id_factory = id_factory
-        self._state = _CONTENT
-        self._buf = ""  # text not yet accounted for
-        self._n_calls = 0
-        self._after_block = False  # only whitespace since the end of the last block
-        # While in a head: the text it would give back as content if it does not match.
-        self._block_text = ""
-        self._head = _Head()
-        # While in arguments: the scanner's state.
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
-
-    @property
-    def n_calls(self) -> int:
-        return self._n_calls
-
-    def feed(self, text: str) -> list[Event]:
-        self._buf += text
-        events: list[Event] = []
-        while self._step(events):
-            pass
-        return events
-
-    def finish(self) -> list[Event]:
-        events: list[Event] = []
-        if self._state == _CONTENT:
-            self._emit(events, self._buf)
-        elif self._state == _HEAD_STATE:
-            self._emit(events, self._block_text + self._buf)
-        self._buf = ""
-        return events
-
-    # Each step consumes what it can of the buffer; True when the state changed (step again).
-
-    def _step(self, events: list[Event]) -> bool:
-        if self._state == _CONTENT:
-            return self._content(events)
-        if self._state == _HEAD_STATE:
-            return self._head_step(events)
-        if self._state == _ARGUMENTS:
-            return self._arguments(events)
-        return self._tail()
-
-    def _emit(self, events: list[Event], text: str) -> None:
-        if self._after_block:
-            text = text.lstrip()
-        if text:
-            events.append(ContentText(text))
-            self._after_block = False
-
-    def _content(self, events: list[Event]) -> bool:
-        at = self._buf.find(OPEN_TAG)
-        if at >= 0:
-            before = self._buf[:at]
-            body = before.rstrip()
-            self._emit(events, body)
-            whitespace = "" if self._after_block else before[len(body) :]
-            self._start_block(whitespace + OPEN_TAG, self._buf[at + len(OPEN_TAG) :])
-            return True
-        ready = self._buf[: len(self._buf) - _tag_prefix_len(self._buf)]
-        body = ready.rstrip()
-        self._emit(events, body)
-        self._buf = self._buf[len(body) :]
-        return False
-
-    def _start_block(self, block_text: str, rest: str) -> None:
-        self._state = _HEAD_STATE
-        self._block_text = block_text
-        self._head = _Head()
-        self._buf = rest
-
-    def _head_step(self, events: list[Event]) -> bool:
-        for i, ch in enumerate(self._buf):
-            matched = self._head.push(ch)
-            if matched is None:
-                continue
-            if matched:
-                self._state = _ARGUMENTS
-                self._depth, self._in_string, self._escaped = 0, False, False
-                self._buf = self._buf[i:]
-                events.append(CallStart(self._n_calls, self._id_factory(), self._head.name))
-                self._n_calls += 1
-                return True
-            # Not a call: its text is content; the character that broke it is looked at again.
-            text = self._block_text + self._buf[:i]
-            body = text.rstrip()
-            self._emit(events, body)
-            self._state = _CONTENT
-            self._buf = text[len(body) :] + self._buf[i:]
-            return True
-        self._block_text += self._buf
-        self._buf = ""
-        return False
-
-    def _arguments(self, events: list[Event]) -> bool:
-        end = None
-        for i, ch in enumerate(self._buf):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif ch == "\\":
-                    self._escaped = True
-                elif ch == '"':
-                    self._in_string = False
-            elif ch == '"':
-                self._in_string = True
-            elif ch in "{[":
-                self._depth += 1
-            elif ch in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    end = i + 1
-                    break
-        fragment = self._buf if end is None else self._buf[:end]
-        if fragment:
-            events.append(CallArguments(self._n_calls - 1, fragment))
-        if end is None:
-            self._buf = ""
-            return False
-        self._state = _TAIL
-        self._buf = self._buf[end:]
-        return True
-
-    def _tail(self) -> bool:
-        close = self._buf.find(CLOSE_TAG)
-        reopen = self._buf.find(OPEN_TAG)
-        if reopen >= 0 and (close < 0 or reopen < close):
-            self._after_block = True
-            self._start_block(OPEN_TAG, self._buf[reopen + len(OPEN_TAG) :])
-            return True
-        if close >= 0:
-            self._after_block = True
-            self._state = _CONTENT
-            self._buf = self._buf[close + len(CLOSE_TAG) :]
-            return True
-        self._buf = self._buf[-(len(CLOSE_TAG) - 1) :]
-        return False
-
-
-def collect_calls(events: Iterable[Event]) -> tuple[str | None, list[dict[str, Any]]]:
-    """For a response that is not streamed: (content, or None if blank; OpenAI `tool_calls`)."""
-    content: list[str] = []
-    calls: list[dict[str, Any]] = []
-    arguments: list[list[str]] = []
-    for event in events:
-        if isinstance(event, ContentText):
-            content.append(event.text)
-        elif isinstance(event, CallStart):
-            calls.append({"id": event.id, "type": "function", "function": {"name": event.name}})
-            arguments.append([])
-        else:
-            arguments[event.index].append(event.fragment)
-    for call, fragments in zip(calls, arguments):
-        call["function"]["arguments"] = "".join(fragments)
-    text = "".join(content)
-    return (text if text.strip() else None), calls

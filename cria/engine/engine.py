@@ -525,7 +525,7 @@ class Engine(EngineBase):
             log.exception("could not build the sampler of %s", seq.req.id)
             self._fail(seq, EngineFailure(f"could not set up sampling: {exc}"))
             return
-        seq.stops = StopMatcher(seq.req.stop)
+        seq.stops = StopMatcher(seq.req.stop, repeated_block=seq.req.stop_at_repeated_block)
         self._running.append(seq)
         self._by_slot[slot_id] = seq
 

@@ -557,6 +557,9 @@ class ConstrainedSampler:
     """
 
     MAX_REDRAWS = 16  # tokens refused in a row at a trigger before giving up on the call
+    # Greedy: when the argmax is refused, the next most likely tokens are checked one by one (a
+    # check costs tens of microseconds) before a pass over the whole vocabulary (tens of ms).
+    GREEDY_TRIES = 32
 
     def __init__(
         self, recipe: Sequence[SamplerStep], *, model: LlamaModel, grammar: str, trigger: str | None
@@ -564,6 +567,11 @@ class ConstrainedSampler:
         self._model = model
         self._source = grammar
         self._chain = SamplerChain(recipe, model=model)
+        # The chain ends with greedy and its other steps only edit logits in place (bias,
+        # penalties): after it runs, the candidates hold the final logits, in token order.
+        self._greedy = bool(recipe) and recipe[-1].kind == "greedy" and all(
+            step.kind in ("logit_bias", "penalties") for step in recipe[:-1]
+        )
         self._grammar: Any = None
         try:
             if trigger is None:
@@ -609,15 +617,41 @@ class ConstrainedSampler:
         if self._grammar is None:
             token = self._free_token(values, token)
         elif not self._allows(self._grammar, token):
-            cur.fill(values)
-            llama_cpp.llama_sampler_apply(self._grammar, cur.ref)
-            llama_cpp.llama_sampler_apply(chain, cur.ref)
-            token = cur.selected
+            allowed = self._greedy_allowed(token) if self._greedy else None
+            if allowed is not None:
+                token = allowed
+            else:
+                cur.fill(values)
+                llama_cpp.llama_sampler_apply(self._grammar, cur.ref)
+                llama_cpp.llama_sampler_apply(chain, cur.ref)
+                token = cur.selected
             llama_cpp.llama_sampler_accept(self._grammar, token)
         else:
             llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
+
+    def _greedy_allowed(self, refused: int) -> int | None:
+        """The grammar-allowed argmax of the chain's logits (in `self._all`), if it is among the
+        GREEDY_TRIES most likely tokens: exactly what a pass of the grammar over the vocabulary
+        and then greedy would pick (ties go to the lower id, as llama.cpp's greedy). None: not
+        there; the caller makes the full pass."""
+        logits = self._all.data["logit"]
+        k = min(self.GREEDY_TRIES, len(logits) - 1)
+        if k <= 0:
+            return None
+        top = np.argpartition(-logits, k)[: k + 1]
+        # Candidates strictly above the (k+1)-th largest logit: no token outside `top` ties them.
+        floor = float(logits[top].min())
+        top = top[logits[top] > floor]
+        for token in top[np.lexsort((top, -logits[top]))].tolist():
+            if token == refused:
+                continue
+            if not np.isfinite(logits[token]):
+                return None
+            if self._allows(self._grammar, token):
+                return int(token)
+        return None
 
     def _free_token(self, values: np.ndarray, token: int) -> int:
         """Before the trigger: `token`, unless it completes the trigger with text after it that

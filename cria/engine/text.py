@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Sequence
 
 
@@ -34,13 +35,25 @@ class StopMatcher:
     string itself (and anything after it) is never emitted.
     """
 
-    __slots__ = ("_held", "_stops")
+    __slots__ = ("_held", "_repeats", "_stops")
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], *, repeated_block: tuple[str, str] | None = None) -> None:
+        """`repeated_block` (open, close): also stop right after a block from `open` to `close`
+        that repeats an earlier one of the output (see `RepeatedBlocks`)."""
         self._stops = tuple(s for s in stops if s)
         self._held = ""
+        self._repeats = RepeatedBlocks(*repeated_block) if repeated_block else None
 
     def push(self, text: str) -> tuple[str, bool]:
+        out, is_stopped = self._push(text)
+        if self._repeats is not None and out:
+            at = self._repeats.push(out)
+            if at is not None:
+                self._held = ""
+                return out[:at], True
+        return out, is_stopped
+
+    def _push(self, text: str) -> tuple[str, bool]:
         if not self._stops:
             return text, False
         buffer = self._held + text
@@ -70,3 +83,51 @@ class StopMatcher:
                     best = n
                     break
         return best
+
+
+class RepeatedBlocks:
+    """Finds the first block of a text stream (from `open` to the next `close`) that repeats an
+    earlier block: the same JSON value between the markers if it parses, else the same text
+    (whitespace at either end aside). A model that loops writes the same tool call again and
+    again; the engine stops it at the first repeat.
+    """
+
+    __slots__ = ("_buf", "_close", "_open", "_seen")
+
+    def __init__(self, open: str, close: str) -> None:
+        if not open or not close:
+            raise ValueError("both markers must be non-empty")
+        self._open, self._close = open, close
+        self._buf = ""  # from the current block's opening marker, or a tail that may begin one
+        self._seen: set[str] = set()
+
+    def push(self, text: str) -> int | None:
+        """The offset in `text` just after the first repeated block's closing marker, or None."""
+        start = len(self._buf)  # where `text` begins in the buffer
+        buf = self._buf = self._buf + text
+        while True:
+            at = buf.find(self._open)
+            if at < 0:
+                keep = len(self._open) - 1
+                self._buf = buf[len(buf) - keep :] if len(buf) > keep else buf
+                return None
+            end = buf.find(self._close, at + len(self._open))
+            if end < 0:
+                self._buf = buf[at:]
+                return None
+            end += len(self._close)
+            key = _block_key(buf[at + len(self._open) : end - len(self._close)])
+            if key in self._seen:
+                self._buf = ""
+                return max(end - start, 0)
+            self._seen.add(key)
+            buf = buf[end:]
+            start -= end
+
+
+def _block_key(inner: str) -> str:
+    try:
+        value = json.loads(inner)
+    except (ValueError, RecursionError):
+        return "text:" + inner.strip()
+    return "json:" + json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

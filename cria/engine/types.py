@@ -57,6 +57,9 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    # (open, close) markers: the output also stops (finish_reason stop) right after a block
+    # from open to close that repeats an earlier one (the same tool call written again).
+    stop_at_repeated_block: tuple[str, str] | None = None
     ignore_eos: bool = False
     # Log-probabilities of each sampled token and of its `logprobs` most likely alternatives
     # (None: not computed at all; 0: the sampled token's only).

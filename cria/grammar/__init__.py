@@ -10,8 +10,8 @@ from cria.grammar.json_schema import (
     json_object_grammar,
     json_schema_grammar,
     literal,
-    tool_call_grammar,
 )
+from cria.grammar.tool_calls import tool_call_grammar
 
 __all__ = [
     "GrammarBuilder",

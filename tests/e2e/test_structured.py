@@ -130,13 +130,10 @@ def test_json_schema_with_text_type_is_plain(client: openai.OpenAI) -> None:
     [
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
          "response_format.json_schema.schema", "not a valid JSON Schema"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}},
-         "response_format.json_schema.schema", "not"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
-            "type": "object", "patternProperties": {"^a": {"type": "string"}}}}},
-         "response_format.json_schema.schema", "patternProperties"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "email"}}},
-         "response_format.json_schema.schema", "format"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^(?=a)b"}}},
+         "response_format.json_schema.schema", "lookaround"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 3000}}},
+         "response_format.json_schema.schema", "minLength"),
         ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}},
          "response_format.json_schema.name", "name"),
         ({"type": "json_schema"}, "response_format.json_schema", "required"),

@@ -29,6 +29,8 @@ def test_a_plain_request_has_nothing_unhonoured() -> None:
     [
         ({"frobnicate": 1}, "frobnicate", "unknown_parameter"),
         ({"store": True}, "store", "unsupported_value"),
+        ({"store": 0}, "store", "unsupported_value"),  # 0 == False in Python: not false in JSON
+        ({"store": 0.0}, "store", "unsupported_value"),
         ({"service_tier": "priority"}, "service_tier", "unsupported_value"),
         ({"modalities": ["audio"]}, "modalities", "unsupported_value"),
         ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_value"),

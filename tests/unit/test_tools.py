@@ -1,4 +1,5 @@
-"""Function calling: request validation, prompt building and the incremental tool call parser."""
+"""Function calling: request validation, prompt building, the incremental tool call parser, and
+the engine's stop at a repeated call."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 
 from cria.chat.template import ChatTemplate
 from cria.chat.tools import (
+    CLOSE_TAG,
+    OPEN_TAG,
     CallArguments,
     CallStart,
     ContentText,
@@ -27,6 +30,7 @@ from cria.chat.tools import (
     parse_tools,
     tools_system_prompt,
 )
+from cria.engine.text import RepeatedBlocks, StopMatcher
 from cria.errors import InvalidRequest
 
 WEATHER = {
@@ -626,14 +630,15 @@ def test_escaped_name_is_unescaped() -> None:
     assert events[0] == CallStart(0, "id0", 'get_weather"')
 
 
-def test_call_starts_as_soon_as_the_arguments_open() -> None:
+def test_a_call_is_told_whole_as_soon_as_its_arguments_end() -> None:
     p = parser()
     assert p.feed('<tool_call>\n{"name": "f", "arguments": ') == []
-    assert p.feed('{"a"') == [CallStart(0, "id0", "f"), CallArguments(0, '{"a"')]
-    assert p.feed(": 1") == [CallArguments(0, ": 1")]
-    assert p.feed("}") == [CallArguments(0, "}")]
+    assert p.feed('{"a"') == []
+    assert p.feed(": [1, {}") == []
+    assert p.feed("]}") == [CallStart(0, "id0", "f"), CallArguments(0, '{"a": [1, {}]}')]
     assert p.feed("}\n</tool_call>\n") == []
     assert p.finish() == []
+    assert p.n_calls == 1 and p.dropped == []
 
 
 @pytest.mark.parametrize(
@@ -654,49 +659,120 @@ def test_call_starts_as_soon_as_the_arguments_open() -> None:
         '<tool_call>{"arguments": {}, "name": "f"}',
     ],
 )
-def test_malformed_block_is_content(block: str) -> None:
-    text = block + "\n</tool_call>"
-    events = parse(text)
-    assert not any(isinstance(e, CallStart) for e in events)
-    assert "".join(e.text for e in events if isinstance(e, ContentText)) == text
+def test_malformed_block_is_dropped_up_to_its_closing_tag(block: str) -> None:
+    p = parser()
+    events = p.feed("Before.\n" + block + "\n</tool_call>\nAfter.") + p.finish()
+    assert events == [ContentText("Before."), ContentText("After.")]
+    assert [why for why, _ in p.dropped] == ["malformed"]
 
 
-def test_malformed_block_is_told_as_soon_as_certain() -> None:
+def test_malformed_block_never_becomes_content() -> None:
     p = parser()
     assert p.feed("<tool_call>\n") == []
-    assert normalized(p.feed("hel")) == [ContentText("<tool_call>\nhel")]
-    assert p.feed("lo") == [ContentText("lo")]
+    assert p.feed("hel") == []
+    assert p.feed("lo</tool_") == []
+    assert p.feed("call> ok") == [ContentText("ok")]
 
 
 def test_block_after_a_malformed_one_is_a_call() -> None:
     events = normalized(
         parse('<tool_call>nope <tool_call>{"name": "f", "arguments": {}}</tool_call>')
     )
-    assert events == [
-        ContentText("<tool_call>nope"),
-        CallStart(0, "id0", "f"),
-        CallArguments(0, "{}"),
-    ]
+    assert events == [CallStart(0, "id0", "f"), CallArguments(0, "{}")]
 
 
 def test_malformed_block_right_after_a_call() -> None:
     events = normalized(parse(CALL + "\n<tool_call>oops"))
-    assert events[-1] == ContentText("<tool_call>oops")
+    assert events == [CallStart(0, "id0", "get_weather"), CallArguments(0, '{"city": "Paris"}')]
 
 
-def test_block_cut_before_its_call_starts_is_content() -> None:
-    for text in ["<tool_call>", '<tool_call>\n{"name": "f", "argu', 'ok <tool_call>\n{"name": "f"']:
-        content, calls = collect_calls(parse(text))
-        assert calls == []
-        assert content == text
-
-
-def test_call_cut_in_its_arguments_keeps_what_was_streamed() -> None:
+@pytest.mark.parametrize(
+    "text, content",
+    [
+        ("<tool_call>", None),
+        ('<tool_call>\n{"name": "f", "argu', None),
+        ('ok <tool_call>\n{"name": "f"', "ok"),
+        ('<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Pa', None),
+        ('Sure. <tool_call>\n{"name": "f", "arguments": {"a": {"b": [1, 2], "c": "}', "Sure."),
+    ],
+)
+def test_block_cut_by_max_tokens_is_dropped(text: str, content: str | None) -> None:
     p = parser()
-    events = p.feed('<tool_call>\n{"name": "f", "arguments": {"city": "Pa')
-    assert events == [CallStart(0, "id0", "f"), CallArguments(0, '{"city": "Pa')]
-    assert p.finish() == []
-    assert p.n_calls == 1
+    events = [*p.feed(text), *p.finish()]
+    assert collect_calls(events) == (content, [])
+    assert [why for why, _ in p.dropped] == ["cut"]
+
+
+def test_a_cut_call_after_a_whole_one_leaves_the_whole_one() -> None:
+    text = CALL + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
+    for how, events in events_for_every_split(text):
+        assert collect_calls(events) == (
+            None,
+            [
+                {
+                    "id": "id0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        ), how
+
+
+def test_arguments_that_are_not_json_are_dropped() -> None:
+    p = parser()
+    events = p.feed('<tool_call>{"name": "f", "arguments": {"a": 1,}}</tool_call>') + p.finish()
+    assert events == []
+    assert p.dropped == [("not_json", "f")]
+
+
+def test_a_call_repeating_an_earlier_one_is_dropped() -> None:
+    again = '<tool_call>{"name":"get_weather","arguments":{ "city" :"Paris"}}</tool_call>'
+    other = CALL.replace("Paris", "Rome")
+    p = parser()
+    events = p.feed(CALL + "\n" + CALL + "\n" + again + other + CALL) + p.finish()
+    content, calls = collect_calls(events)
+    assert content is None
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [
+        {"city": "Paris"},
+        {"city": "Rome"},
+    ]
+    assert [c["id"] for c in calls] == ["id0", "id1"]
+    assert [why for why, _ in p.dropped] == ["duplicate"] * 3
+
+
+def test_the_same_arguments_for_another_function_are_not_a_repeat() -> None:
+    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    assert [e.name for e in parse(text) if isinstance(e, CallStart)] == ["f", "g"]
+
+
+def test_max_calls() -> None:
+    ids = counter()
+    p = ToolCallParser(id_factory=lambda: next(ids), max_calls=1)
+    events = p.feed(CALL + CALL.replace("Paris", "Rome")) + p.finish()
+    assert events == [
+        CallStart(0, "id0", "get_weather"),
+        CallArguments(0, '{"city": "Paris"}'),
+    ]
+    assert p.dropped == [("too_many", "get_weather")]
+
+
+def test_accept_decides_last() -> None:
+    seen: list[tuple[str, Any]] = []
+
+    def accept(name: str, arguments: Any) -> bool:
+        seen.append((name, arguments))
+        return arguments.get("city") != "Rome"
+
+    ids = counter()
+    p = ToolCallParser(id_factory=lambda: next(ids), accept=accept)
+    text = CALL.replace("Paris", "Rome") + CALL + CALL
+    events = p.feed(text) + p.finish()
+    assert events == [
+        CallStart(0, "id0", "get_weather"),
+        CallArguments(0, '{"city": "Paris"}'),
+    ]
+    assert seen == [("get_weather", {"city": "Rome"}), ("get_weather", {"city": "Paris"})]
+    assert [why for why, _ in p.dropped] == ["refused", "duplicate"]
 
 
 def test_call_without_closing_tag_is_complete() -> None:
@@ -720,7 +796,7 @@ def test_extra_text_between_the_arguments_and_the_closing_tag_is_skipped() -> No
 
 
 def test_text_after_and_between_calls_is_content_without_surrounding_whitespace() -> None:
-    text = "Sure.\n" + CALL + "\nand\n" + CALL + "\n\nDone.\n"
+    text = "Sure.\n" + CALL + "\nand\n" + CALL.replace("Paris", "Rome") + "\n\nDone.\n"
     events = normalized(parse(text))
     assert [e.text for e in events if isinstance(e, ContentText)] == ["Sure.", "and", "Done.\n"]
     assert [e.index for e in events if isinstance(e, CallStart)] == [0, 1]
@@ -758,7 +834,7 @@ def test_call_ids() -> None:
     assert len(ids) == 1000
     assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids)
     default = ToolCallParser()
-    real = default.feed(CALL + CALL) + default.finish()
+    real = default.feed(CALL + CALL.replace("Paris", "Rome")) + default.finish()
     starts = [e for e in real if isinstance(e, CallStart)]
     assert len(starts) == 2 and starts[0].id != starts[1].id
     assert all(re.fullmatch(r"call_[0-9a-f]{24}", s.id) for s in starts)
@@ -850,3 +926,82 @@ def test_split_invariance_on_random_outputs() -> None:
             cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 5))))
             assert normalized(parse(text, cuts)) == expected, (text, cuts)
     assert n_calls > 200, "the generator should make calls"
+
+
+def test_random_outputs_give_only_whole_distinct_calls_and_no_markup() -> None:
+    rng = random.Random(11)
+    n_calls = 0
+    for _ in range(400):
+        text = random_output(rng)
+        p = parser()
+        content, calls = collect_calls([*p.feed(text), *p.finish()])
+        assert OPEN_TAG not in (content or ""), text
+        keys = set()
+        for call in calls:
+            arguments = json.loads(call["function"]["arguments"])
+            assert isinstance(arguments, dict), text
+            keys.add((call["function"]["name"], json.dumps(arguments, sort_keys=True)))
+        assert len(keys) == len(calls), text
+        assert p.n_calls == len(calls)
+        n_calls += len(calls)
+    assert n_calls > 100, "the generator should make calls"
+
+
+# ---------------------------------------------------------------- the engine stops a repeat
+
+BLOCKS = (OPEN_TAG, CLOSE_TAG)
+
+
+def emitted(matcher: StopMatcher, text: str, cuts: list[int]) -> tuple[str, bool]:
+    """What the engine would emit for `text` fed in pieces ending at `cuts`, and whether it
+    stopped (the generation would end there)."""
+    out, start = [], 0
+    for end in [*cuts, len(text)]:
+        piece, is_stopped = matcher.push(text[start:end])
+        out.append(piece)
+        start = end
+        if is_stopped:
+            return "".join(out), True
+    return "".join(out) + matcher.flush(), False
+
+
+def test_generation_stops_right_after_a_repeated_call() -> None:
+    other = CALL.replace("Paris", "Rome")
+    text = CALL + "\n" + other + "\n" + CALL + "\n" + CALL + "\n<tool_call>\n{"
+    expected = CALL + "\n" + other + "\n" + CALL
+    rng = random.Random(3)
+    splits = [[], list(range(1, len(text)))]
+    splits += [sorted(rng.sample(range(1, len(text)), 6)) for _ in range(100)]
+    for cuts in splits:
+        assert emitted(StopMatcher([], repeated_block=BLOCKS), text, cuts) == (expected, True)
+
+
+def test_a_repeat_with_other_whitespace_or_key_order_is_a_repeat() -> None:
+    again = '<tool_call>{ "arguments":{"city":"Paris"},\n"name":"get_weather"}</tool_call>'
+    text = CALL + again + " trailing"
+    assert emitted(StopMatcher([], repeated_block=BLOCKS), text, []) == (CALL + again, True)
+
+
+def test_distinct_calls_and_text_do_not_stop() -> None:
+    text = "a <tool_call>x</tool_call> b " + CALL + CALL.replace("Paris", "Rome") + " <tool_cal"
+    assert emitted(StopMatcher([], repeated_block=BLOCKS), text, [5, 17, 40]) == (text, False)
+    # Repeated text outside blocks is not a repeat either.
+    assert emitted(StopMatcher([], repeated_block=BLOCKS), "ab ab ab", [2, 4]) == (
+        "ab ab ab",
+        False,
+    )
+
+
+def test_stop_strings_still_apply_with_repeats() -> None:
+    m = StopMatcher(["END"], repeated_block=BLOCKS)
+    assert emitted(m, CALL + " EN" + "D" + CALL, [len(CALL) + 2]) == (CALL + " ", True)
+    m = StopMatcher(["END"], repeated_block=BLOCKS)
+    assert emitted(m, CALL + CALL + "END", [len(CALL) + 5]) == (CALL + CALL, True)
+    # A held-back stop-string prefix is not yet looked at for repeats; it is once released.
+    m = StopMatcher([CLOSE_TAG + "!"], repeated_block=BLOCKS)
+    assert emitted(m, CALL + CALL + "?", [len(CALL) * 2]) == (CALL + CALL, True)
+
+
+def test_repeated_blocks_rejects_empty_markers() -> None:
+    with pytest.raises(ValueError):
+        RepeatedBlocks("", CLOSE_TAG)

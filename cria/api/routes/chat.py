@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +28,14 @@ from cria.api.sse import SSEResponse
 from cria.api.state import AppState, state_of
 from cria.api.structured import (
     TOOL_CALL_TRIGGER,
+    call_checker,
     check_tool_schemas,
     response_format_grammar,
     tool_grammar,
 )
 from cria.chat.tools import (
+    CLOSE_TAG,
+    OPEN_TAG,
     CallArguments,
     CallStart,
     ContentText,
@@ -47,6 +51,7 @@ from cria.chat.tools import (
 from cria.engine.types import FinishReason, GenerationRequest, Usage
 from cria.errors import InvalidRequest
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -107,17 +112,24 @@ class _Plan:
     tool_choice: ToolChoice
     grammar: str | None = None
     grammar_trigger: str | None = None
+    max_calls: int | None = None  # the most calls a choice may return (None: no limit)
+    accept_call: Callable[[str, Any], bool] | None = None  # the last check of each call
 
     @property
     def parses_tools(self) -> bool:
         return self.tool_choice.mode != "none"
+
+    def parser(self) -> ToolCallParser:
+        return ToolCallParser(max_calls=self.max_calls, accept=self.accept_call)
 
 
 def _plan(state: AppState, req: protocol.ChatCompletionRequest) -> _Plan:
     functions = parse_tools(req.tools) if req.tools is not None else []
     check_tool_schemas(functions)
     choice = parse_tool_choice(req.tool_choice, functions)
-    parallel = req.parallel_tool_calls is not False
+    # A named function is called once (as OpenAI does, and as LangChain's bind_tools and
+    # instructor expect); otherwise parallel_tool_calls false means at most one call.
+    parallel = req.parallel_tool_calls is not False and choice.mode != "named"
     grammar = response_format_grammar(req.response_format)
     trigger = None
     if choice.mode in ("required", "named"):
@@ -149,7 +161,10 @@ def _plan(state: AppState, req: protocol.ChatCompletionRequest) -> _Plan:
             param="response_format" if req.response_format is not None else "tools",
         )
     tokens = render_prompt(state, req.messages, functions, choice, parallel=parallel)
-    return _Plan(tokens, choice, grammar, trigger)
+    if choice.mode == "none":
+        return _Plan(tokens, choice, grammar, trigger)
+    accept = call_checker(functions, choice)
+    return _Plan(tokens, choice, grammar, trigger, None if parallel else 1, accept)
 
 
 def render_prompt(
@@ -218,8 +233,15 @@ def _event_delta(event: Event) -> dict[str, Any]:
     return {"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]}
 
 
-def _finish(reason: FinishReason, n_calls: int) -> str:
-    return "tool_calls" if n_calls and reason is FinishReason.STOP else reason.value
+def _finish(reason: FinishReason, parser: ToolCallParser | None) -> str:
+    """The choice's finish_reason; logs the calls the parser dropped."""
+    if parser is None:
+        return reason.value
+    for why, name in parser.dropped:
+        # A call that passed the grammar but not its schema is a bug in the grammar compiler.
+        level = logging.WARNING if why in ("refused", "not_json") else logging.DEBUG
+        log.log(level, "a tool call%s was dropped: %s", f" of {name!r}" if name else "", why)
+    return "tool_calls" if parser.n_calls and reason is FinishReason.STOP else reason.value
 
 
 @router.post("/v1/chat/completions")
@@ -255,6 +277,8 @@ async def create_chat_completion(request: Request) -> Response:
                 req, n_vocab=n_vocab, choice=j, grammar=plan.grammar, grammar_trigger=plan.grammar_trigger
             ),
             stop=req.stop_list,
+            # A model that writes the same call again stops there (the repeat is not returned).
+            stop_at_repeated_block=(OPEN_TAG, CLOSE_TAG) if plan.parses_tools else None,
             ignore_eos=bool(req.ignore_eos),
             logprobs=n_logprobs,
             group=group,
@@ -279,7 +303,7 @@ async def create_chat_completion(request: Request) -> Response:
         )
 
         async def events() -> AsyncIterator[dict[str, Any] | str]:
-            parsers = [ToolCallParser() if plan.parses_tools else None for _ in range(n)]
+            parsers = [plan.parser() if plan.parses_tools else None for _ in range(n)]
             for j in range(n):
                 yield chunk([protocol.chat_chunk_choice(j, {"role": "assistant", "content": ""})])
             usages: list[tuple[int, Usage]] = []
@@ -302,8 +326,7 @@ async def create_chat_completion(request: Request) -> Response:
                 if delta.finish_reason is not None:
                     assert delta.usage is not None
                     usages.append((0, delta.usage))
-                    n_calls = parser.n_calls if parser is not None else 0
-                    yield chunk([protocol.chat_chunk_choice(index, {}, _finish(delta.finish_reason, n_calls))])
+                    yield chunk([protocol.chat_chunk_choice(index, {}, _finish(delta.finish_reason, parser))])
             if include_usage:
                 yield chunk([], sum_usage([len(tokens)], usages))
 
@@ -323,9 +346,9 @@ async def create_chat_completion(request: Request) -> Response:
     for i, r in enumerate(results):
         lps = protocol.chat_logprobs(r.logprobs) if n_logprobs is not None else None
         if plan.parses_tools:
-            parser = ToolCallParser()
+            parser = plan.parser()
             content, calls = collect_calls([*parser.feed(r.text), *parser.finish()])
-            reason = _finish(r.finish_reason, len(calls))
+            reason = _finish(r.finish_reason, parser)
             choices.append(protocol.chat_choice(i, content, reason, tool_calls=calls, logprobs=lps))
         else:
             choices.append(protocol.chat_choice(i, r.text, r.finish_reason, logprobs=lps))
