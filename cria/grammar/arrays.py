@@ -10,6 +10,7 @@ from cria.grammar.base import (
     SchemaError,
     Unsatisfiable,
     UnsupportedSchema,
+    _alts,
     _at,
     _canonical,
     _compact_json,
@@ -20,8 +21,9 @@ from cria.grammar.base import (
     literal,
 )
 from cria.grammar.limits import _BIG_REPEAT, _MAX_REPEAT, _too_many
-from cria.grammar.numbers import _bounds, _int_range, _number_range
+from cria.grammar.numbers import _bounds, _int_range, _multiples, _number_range
 from cria.grammar.regex import _Pattern
+from cria.grammar.regex_text import _scheme_prefixes
 
 _NUMBER_BOUNDS: Final = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 _FINITE: Final[dict[str, list[Any]]] = {"boolean": [False, True], "null": [None]}
@@ -52,6 +54,15 @@ _FORMAT_LENGTHS: Final[dict[str, tuple[int, int | None]]] = {
     "uuid": (36, 36), "email": (3, 300), "hostname": (1, 251), "ipv4": (7, 15),
     "ipv6": (15, 39), "uri": (5, None), "uri-reference": (1, None),
 }  # fmt: skip
+
+
+def _short_email(high: int) -> str:
+    """An email of at most `high` (7 or more) characters: a local part without dots, "@",
+    one or two labels of at most b characters (a subset of the `email` format's grammar)."""
+    a = min(32, max(1, (high - 2) // 3))
+    b = min(62, (high - 2 - a) // 2)  # a + 1 + (b + 1) + b <= high
+    tail = f" ([a-zA-Z0-9-]{{0,{b - 2}}} [a-zA-Z0-9])?" if b >= 2 else ""
+    return f'[a-zA-Z0-9!#$%&\'*+/=?^_`{{|}}~-]{{1,{a}}} "@" ([a-zA-Z0-9]{tail} ".")? [a-zA-Z]{tail}'
 
 
 class _ArraysMixin:
@@ -211,19 +222,30 @@ class _ArraysMixin:
             return self._shaped(
                 self._key_not_in(list(excluded), f"{path or 'root'}-not"), _STRING_LEAF
             )
+        quote = r'"\""'
+        if fmt in ("uri", "uri-reference") and isinstance(pattern, str) and not lengths:
+            prefixes = _scheme_prefixes(_Pattern(pattern, _at(path, "pattern")).tree())
+            if prefixes:  # a uri starting with one of these `scheme://` (a uri-reference too)
+                return self._shaped(
+                    _seq(
+                        quote, _alts([literal(p) for p in prefixes]), self._prim("uri-rest"), quote
+                    ),
+                    _STRING_LEAF,
+                )
         if fmt is not None and pattern is not None:
             raise UnsupportedSchema(
                 "combined string constraints",
                 "use only one of format and pattern on a string",
                 path=path,
             )
-        quote = r'"\""'
         if fmt is not None:
             if fmt not in _FORMATS:
                 raise UnsupportedSchema(
                     f"format: {fmt}", f"supported formats: {', '.join(_FORMATS)}", path=path
                 )
             shortest, longest = _FORMAT_LENGTHS[fmt]
+            if fmt == "email" and low <= shortest and high is not None and 7 <= high < longest:
+                return self._shaped(_seq(quote, _short_email(high), quote), _STRING_LEAF)
             if shortest < low or (high is not None and (longest is None or longest > high)):
                 raise UnsupportedSchema(
                     "combined string constraints",
@@ -251,6 +273,16 @@ class _ArraysMixin:
         if step is not None:
             if isinstance(step, bool) or not isinstance(step, int | float) or step <= 0:
                 raise SchemaError("multipleOf must be a number above 0", path=path)
+            if step > 1 and float(step).is_integer():  # the multiples within the bounds
+                low, high = _bounds(schema, path, integer=True)
+                values = _multiples(
+                    int(step),
+                    None if low is None else low[0] + (0 if low[1] else 1),
+                    None if high is None else high[0] - (0 if high[1] else 1),
+                )
+                if values is None:
+                    raise Unsatisfiable("no multiple of multipleOf is within the bounds", path=path)
+                return self._shaped(_alts([literal(str(v)) for v in values]), _NUMBER_LEAF)
             inverse = 1 / step
             if step > 1 or abs(inverse - round(inverse)) > 1e-9:
                 raise UnsupportedSchema(

@@ -143,8 +143,9 @@ _PRIMITIVES: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "ipv6": (f'{_HEX}{{1,4}} (":" {_HEX}{{1,4}}){{7}}', ()),  # the full form only
     # RFC 3986: scheme "://" host [":" port] path [query] [fragment], and for references also
     # an absolute path or a fragment alone.
-    "uri": (
-        '[a-zA-Z] [a-zA-Z0-9+.-]{0,15} "://" (hostname | ipv4) (":" [0-9]{1,5})?'
+    "uri": ('[a-zA-Z] [a-zA-Z0-9+.-]{0,15} "://" uri-rest', ("uri-rest",)),
+    "uri-rest": (  # what follows "scheme://"
+        '(hostname | ipv4) (":" [0-9]{1,5})?'
         ' ("/" uri-char*)* ("?" (uri-char | [/?])*)? ("#" (uri-char | [/?])*)?',
         ("hostname", "ipv4", "uri-char"),
     ),

@@ -13,6 +13,7 @@ from cria.grammar.ambiguity import _AmbiguityMixin, _Head, _leaf, _Ref, _Shape, 
 from cria.grammar.arrays import _ArraysMixin
 from cria.grammar.base import (
     _INVALID_NAME_CHARS,
+    _KNOWN,
     _PRIMITIVES,
     _RESERVED,
     _RULE_NAME,
@@ -247,8 +248,10 @@ class GrammarBuilder(_ObjectsMixin, _ArraysMixin, _ExclusiveMixin, _AmbiguityMix
         values = schema["enum"] if "enum" in schema else [schema["const"]]
         if not isinstance(values, list) or not values:
             raise SchemaError("enum must be a non-empty array", path=path)
+        rest = {k: v for k, v in schema.items() if k != "enum"}  # each value is in its enum
+        checked = bool(_KNOWN & rest.keys())
         try:
-            kept = [v for v in values if self._valid(v, schema, path)]
+            kept = [v for v in values if not checked or self._valid(v, rest, path)]
         except SchemaError as exc:
             exc.message = f"cannot check the enum values: {exc.message}"
             raise

@@ -49,16 +49,25 @@ Deliberate simplifications, all stricter than the schema
 * Upper counts above 2000 (maxLength, maxItems, a pattern's {m,n}) are lowered to 2000.
 * minLength/maxLength beside a `pattern` keep only matches of that length (counts inside the
   pattern are narrowed, maybe more than needed); beside a `format`, the format's own length
-  range must lie within them.
+  range must lie within them, except `email` under a maxLength of 7 or more (a shorter email
+  grammar: no dot in the local part, at most two domain labels, lengths that fit).
+* A `pattern` beside a `format` is refused, except `uri` / `uri-reference` beside a pattern
+  that only says "starts with one of these `scheme://`" (^https?://): a uri with those
+  schemes (exact for `uri`).
+* A top-level alternative of a `pattern` that is one group is read as the group's own
+  alternatives (the same language), so anchors inside, as in (^a$)|(^b$), are at its ends.
 * Non-integer bounds on numbers are rounded inward to integers (minimum 0.5 -> 1).
 * `if`/`then`: conditions that test one property against distinct const/enum values become an
   anyOf (one branch per condition with its `then`, one for a string none of them; objects
-  only); any other `if` is taken to hold (its `then` applies, `else` never does).
+  only); any other `if` is taken to hold (its `then` applies, `else` never does), except an
+  `if` of `not: C` whose `not` cannot be enforced: that `if` is taken to fail (C and `else`
+  apply).
 * `not`: of types, of required keys, of string values (beside a plain string: the raw
   strings but those), of ^[class]+$ (a string with a character outside the class).
 * `allOf` of two different anyOf (or oneOf) becomes the union of their pairs (exact).
 * `contains` only with a schema every item matches (at least minContains items);
-  `multipleOf` only 1 or 1/n, as integers (every integer is a multiple of 1/n).
+  `multipleOf` only 1 or 1/n, as integers (every integer is a multiple of 1/n), or an integer
+  k > 1: the multiples of k within the bounds are listed, at most the 256 nearest 0.
 * Without `type`, the type is inferred from the keywords present (`properties` -> object...).
 * A `\\u` escape of a UTF-16 surrogate must be half of a pair (the pair is one character), so
   one grammar character is one code point and `minLength` / `maxLength` are exact.

@@ -152,3 +152,28 @@ def _number_range(low: _Bound | None, high: _Bound | None) -> str | None:
         if negatives:
             alts.append(_seq('"-"', _alts(negatives)))
     return _alts(alts) if alts else None
+
+
+# --- multipleOf -------------------------------------------------------------------------------
+
+_MAX_MULTIPLES: Final = 256  # multiples of an integer step listed, the ones nearest 0
+
+
+def _multiples(step: int, low: int | None, high: int | None) -> list[int] | None:
+    """The multiples of `step` (an integer above 1) within the inclusive integer bounds: all
+    of them, or the _MAX_MULTIPLES nearest 0 (stricter); None when there is none."""
+    m_low = None if low is None else -((-low) // step)  # ceil(low / step)
+    m_high = None if high is None else high // step
+    if m_low is not None and m_high is not None and m_low > m_high:
+        return None
+    center = min(
+        max(0, -(10**30) if m_low is None else m_low), 10**30 if m_high is None else m_high
+    )
+    chosen = [center]
+    for distance in range(1, _MAX_MULTIPLES):
+        for m in (center + distance, center - distance):
+            if (m_low is None or m >= m_low) and (m_high is None or m <= m_high):
+                chosen.append(m)
+        if len(chosen) >= _MAX_MULTIPLES:
+            break
+    return sorted(m * step for m in chosen[:_MAX_MULTIPLES])

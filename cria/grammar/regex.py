@@ -9,6 +9,7 @@ from typing import Final, TypeAlias, Union
 
 from cria.grammar.base import SchemaError, UnsupportedSchema, _alts, _repeat, _seq, literal
 from cria.grammar.limits import _MAX_REPEAT, _too_many
+from cria.grammar.regex_text import _GROUP_NAME, _ungrouped
 
 _Ranges: TypeAlias = list[tuple[int, int]]  # sorted, disjoint, inclusive code point ranges
 
@@ -88,7 +89,6 @@ _CLASS_ESCAPES: Final[dict[str, tuple[_Ranges, _Ranges]]] = {
 _DOT: Final = _complement([(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)])  # ECMA's, the smallest
 _CHAR_ESCAPES: Final = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
 _QUANTIFIER = re.compile(r"\{(\d+)(,(\d*))?\}")
-_GROUP_NAME = re.compile(r"<[A-Za-z_$][\w$]*>")
 
 
 def _set_expr(ranges: _Ranges, path: str) -> str:
@@ -258,7 +258,7 @@ class _Pattern:
     grammar can express) into GBNF for the JSON-encoded content of a matching string."""
 
     def __init__(self, source: str, path: str) -> None:
-        self.src = source
+        self.src = _ungrouped(source)
         self.pos = 0
         self.path = path
         self.unanchored = False  # whether the result refers to the `char` rule

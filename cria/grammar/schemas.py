@@ -56,16 +56,32 @@ def _normalize(schema: dict[str, Any], path: str) -> dict[str, Any]:
     _switch_conditions(out)
     condition = out.pop("if", True)
     then = out.pop("then", True)
-    out.pop("else", None)
+    otherwise = out.pop("else", True)
     if not _is_any(condition):  # stricter: the `if` always holds, so `then` applies
         before = _list(out["allOf"], "allOf", path) if "allOf" in out else []
-        out["allOf"] = [*before, condition, then]
+        out["allOf"] = [*before, *_taken_branch(condition, then, otherwise, path)]
     for keyword in ("$dynamicRef", "$recursiveRef"):
         if keyword in out:
             raise UnsupportedSchema(keyword, f"{keyword} is not supported", path=path)
     if "not" in out:
         out = _negate(out, out.pop("not"), path)
     return out
+
+
+def _taken_branch(condition: Any, then: Any, otherwise: Any, path: str) -> list[Any]:
+    """The schemas an `if` / `then` / `else` is replaced by (stricter): the condition and
+    `then`; or, for a condition `not: C` that cannot be enforced, C and `else` (the `if`
+    fails, which C ensures)."""
+    if (
+        isinstance(condition, dict)
+        and {k for k in condition if k in _KNOWN} == {"not"}
+        and isinstance(condition["not"], dict | bool)
+    ):
+        try:
+            _normalize(condition, path)
+        except UnsupportedSchema:
+            return [condition["not"], otherwise]
+    return [condition, then]
 
 
 def _switch_conditions(out: dict[str, Any]) -> None:
@@ -78,7 +94,8 @@ def _switch_conditions(out: dict[str, Any]) -> None:
     if "if" not in out and not any(isinstance(m, dict) and "if" in m for m in members):
         return
     pairs, rest = [], []
-    if "if" in out and "else" not in out:
+    own = "if" in out and "else" not in out  # with an `else`, the own if/then stays as is
+    if own:
         pairs.append((out["if"], out.get("then", True)))
     for member in out.get("allOf", []) if isinstance(out.get("allOf"), list) else []:
         known = {k for k in member if k in _KNOWN} if isinstance(member, dict) else None
@@ -106,8 +123,9 @@ def _switch_conditions(out: dict[str, Any]) -> None:
         if not all(required for _, _, required in tested):  # type: ignore[misc]
             none["required"] = [key]  # absent, it would satisfy every condition
         branches.append(none)
-    out.pop("if", None)
-    out.pop("then", None)
+    if own:
+        out.pop("if", None)
+        out.pop("then", None)
     out["allOf"] = [*rest, {"anyOf": branches}]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +207,7 @@ def test_all_of_two_unions_is_a_union_of_pairs(lm: Vocab) -> None:
 
 def test_keywords_that_cannot_be_enforced_are_refused() -> None:
     for schema, feature in [
-        ({"type": "integer", "multipleOf": 3}, "multipleOf"),
+        ({"type": "integer", "multipleOf": 2.5}, "multipleOf"),
         ({"type": "array", "contains": {"type": "integer"}}, "contains"),
     ]:
         with pytest.raises(UnsupportedSchema) as exc:
@@ -219,6 +220,87 @@ def test_contains_any_item_means_at_least_one(lm: Vocab) -> None:
     check(lm, {"type": "number", "multipleOf": 1}, [3], ["1.5"])
     cents = {"type": "number", "multipleOf": 0.01, "maximum": 99.99}  # integers: stricter
     check(lm, cents, [3, 99], ["1.5", "100"])
+
+
+# --- if with an unenforceable `not`, multipleOf, grouped anchors, formats beside patterns -----
+
+
+def test_if_of_a_not_that_cannot_be_enforced_takes_the_else_side(lm: Vocab) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": ["null", "integer"]}, "b": {"type": "integer"}},
+        "if": {"not": {"properties": {"a": {"const": None}}}},  # `not` of a const: unsupported
+        "then": {"properties": {"b": {"const": None}}},
+        "else": {"required": ["b"]},
+    }  # stricter: `a` null or absent (the `if` fails), so `else` applies
+    check(lm, schema, [{"a": None, "b": 1}, {"b": 2}], ['{"a": 1, "b": 1}', '{"a": null}', "{}"])
+
+
+def test_if_with_else_is_not_dropped_beside_switched_conditions(lm: Vocab) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"kind": {"type": "string"}, "x": {}},
+        "required": ["kind"],
+        "if": {"properties": {"kind": {"const": "z"}}},
+        "then": {"properties": {"x": {"type": "boolean"}}},
+        "else": {"required": ["x"]},
+        "allOf": [
+            {
+                "if": {"properties": {"kind": {"const": "a"}}},
+                "then": {"properties": {"x": {"type": "integer"}}},
+            }
+        ],
+    }  # the own if/then (with else) is taken as holding: x boolean, so kind "a" is unsatisfiable
+    check(
+        lm, schema, [{"kind": "z", "x": True}], ['{"kind": "z", "x": 1}', '{"kind": "a", "x": 1}']
+    )
+
+
+def test_integer_multiple_of_lists_the_multiples(lm: Vocab) -> None:
+    ranged = {"type": "integer", "minimum": -40, "maximum": 40, "multipleOf": 16}
+    check(lm, ranged, [-32, 0, 16, 32], ["8", "48", "-48", "16.0"])
+    grammar = json_schema_grammar({"type": "number", "multipleOf": 3})  # 256 nearest 0
+    assert lm.accepts(grammar, "384") and lm.accepts(grammar, "-381")
+    assert not lm.accepts(grammar, "387") and not lm.accepts(grammar, "-384")
+    assert not lm.accepts(grammar, "4")
+    with pytest.raises(SchemaError):
+        json_schema_grammar({"type": "integer", "minimum": 1, "maximum": 4, "multipleOf": 5})
+
+
+def test_anchors_inside_top_level_groups(lm: Vocab) -> None:
+    schema = {"type": "string", "pattern": "(^([0-9]+)\\.([0-9]+)$)|(^\\{[A-F0-9]{4}\\}$)"}
+    check(lm, schema, ["4.20", "{AB12}"], ['"x4.20"', '"4.20x"', '"{AB12}x"'], escaped=False)
+    check(lm, {"type": "string", "pattern": "(?:(^a$))|b"}, ["a", "xbx"], ['"ax"'], escaped=False)
+    with pytest.raises(UnsupportedSchema):  # ^ after something: not at the start
+        json_schema_grammar({"type": "string", "pattern": "(x^a)|b"})
+
+
+def test_uri_beside_a_scheme_prefix_pattern(lm: Vocab) -> None:
+    schema = {"type": "string", "format": "uri", "pattern": "^(https?)://"}
+    good = ["https://example.com/a?b#c", "http://10.0.0.1:8080"]
+    check(lm, schema, good, ['"ftp://example.com"', '"https://"', '"https:x"'], escaped=False)
+    ref = {"type": "string", "format": "uri-reference", "pattern": "^https://"}
+    check(lm, ref, ["https://a.b/c"], ['"/a/b"', '"http://a.b"'], escaped=False)
+    with pytest.raises(UnsupportedSchema):  # not only a scheme prefix
+        json_schema_grammar({"type": "string", "format": "uri", "pattern": "^https://x"})
+
+
+def test_email_with_a_max_length(lm: Vocab) -> None:
+    schema = {"type": "string", "format": "email", "maxLength": 20}
+    grammar = check(
+        lm, schema, ["a@b.co", "john@ex.com", "johnny@exampl"], ['"a@b"' + "x", '"noat"']
+    )
+    assert not lm.accepts(grammar, '"' + "a" * 10 + "@" + "b" * 10 + '"')
+    with pytest.raises(UnsupportedSchema):
+        json_schema_grammar({"type": "string", "format": "email", "maxLength": 6})
+
+
+def test_a_large_enum_is_checked_without_comparing_it_to_itself(lm: Vocab) -> None:
+    schema = {"type": "string", "maxLength": 5, "enum": [f"v{i}" for i in range(20_000)]}
+    start = time.perf_counter()
+    grammar = json_schema_grammar(schema)  # each value against the rest only: not quadratic
+    assert time.perf_counter() - start < 5
+    assert lm.accepts(grammar, '"v9999"') and not lm.accepts(grammar, '"v10000"')
 
 
 # --- Property: what the grammar writes matches the schema ------------------------------------
@@ -252,6 +334,28 @@ _RULES: list[tuple[Any, Any]] = [  # one schema per new rule, and values to try 
     (
         {"type": "number", "multipleOf": 0.05, "minimum": -3.5},
         st.integers(-(10**12), 10**12) | st.floats(-5, 5),
+    ),
+    (
+        {"type": "integer", "multipleOf": 7, "exclusiveMaximum": 30},
+        st.integers(-(10**4), 40),
+    ),
+    ({"type": "string", "format": "email", "maxLength": 12}, st.emails() | _TEXT),
+    (
+        {"type": "string", "format": "uri", "pattern": "^(https?|ftp)://"},
+        st.sampled_from(["https://a.b", "ftp://x.y/z", "http://a", "file://a", "https:/a"]),
+    ),
+    (
+        {"type": "string", "pattern": "(^[a-c]$)|(^[0-9]+-$)"},
+        st.text(alphabet="ab1-", max_size=4),
+    ),
+    (
+        {
+            "type": "object",
+            "properties": {"a": {"type": ["null", "integer"]}},
+            "if": {"not": {"properties": {"a": {"const": None}}}},
+            "then": {"required": ["zz"]},
+        },
+        st.fixed_dictionaries({}, optional={"a": st.none() | st.integers(0, 3)}),
     ),
 ]
 

@@ -71,11 +71,12 @@ def full_apply_seconds(lm: Vocab, grammar: str, prefix: str) -> float:
 
 
 def refused(schema: Any) -> UnsupportedSchema:
-    """The UnsupportedSchema the schema raises, within a second."""
+    """The UnsupportedSchema the schema raises, in bounded time (a guard against a compiler
+    that explodes before it refuses, not a speed test: ~1 s on a loaded core is normal)."""
     start = time.perf_counter()
     with pytest.raises(UnsupportedSchema) as exc:
         json_schema_grammar(schema)
-    assert time.perf_counter() - start < 1
+    assert time.perf_counter() - start < 10
     assert str(exc.value)
     return exc.value
 
@@ -85,7 +86,7 @@ def test_reviewer_schema_merges_into_one_unambiguous_array(lm: Vocab) -> None:
     # grammar no longer triples llama.cpp's parse stacks at each "[" (10 s per apply by the 8th).
     start = time.perf_counter()
     grammar = json_schema_grammar(layered(12, min_items))
-    assert time.perf_counter() - start < 1
+    assert time.perf_counter() - start < 10  # it exploded (minutes) before the merge
     assert "|" not in "".join(line for line in grammar.splitlines() if line.startswith("L"))
     assert lm.accepts(grammar, nested_list(12, '"x"'))
     assert lm.accepts(grammar, nested_list(11, "[]"))

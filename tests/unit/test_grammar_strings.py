@@ -199,7 +199,7 @@ def test_number_bounds_rounding_and_errors() -> None:
     with pytest.raises(SchemaError, match="no integer"):
         json_schema_grammar({"type": "integer", "minimum": 3, "exclusiveMaximum": 3})
     with pytest.raises(UnsupportedSchema) as exc:
-        json_schema_grammar({"type": "integer", "multipleOf": 2})
+        json_schema_grammar({"type": "integer", "multipleOf": 2.5})
     assert exc.value.feature == "multipleOf"
 
 
