@@ -6,6 +6,7 @@ No ctypes pointer leaves this module. Everything here except `LlamaModel.tokeniz
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import enum
 import logging
@@ -583,8 +584,46 @@ class ConstrainedSampler:
             raise
         self._trigger = trigger.encode() if trigger is not None else b""
         self._recent = b""  # the output's last bytes, while waiting for the trigger
+        self._pending = b""  # an incomplete UTF-8 character at the end of the constrained output
         self._all = _Candidates(model.n_vocab)
         self._check = _Candidates(1)
+
+    def _utf8_ok(self, token: int) -> bool:
+        """The token keeps the constrained output valid UTF-8. llama.cpp's grammar reads bytes
+        leniently (an overlong or surrogate sequence counts as one character), while the text
+        is decoded strictly (each bad byte becomes U+FFFD): such a token could take a string
+        past its maxLength or outside its pattern. Nor may the output end mid-character."""
+        piece = self._model.token_piece(token)
+        if not self._pending:
+            return piece.isascii() or _utf8_tail(piece) is not None
+        if not piece:
+            return not self._model.is_eog(token)
+        return _utf8_tail(self._pending + piece) is not None
+
+    def _ok(self, token: int) -> bool:
+        """The grammar (once started) allows `token`, and it keeps the output valid UTF-8."""
+        return self._utf8_ok(token) and self._allows(self._grammar, token)
+
+    def _accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        piece = self._model.token_piece(token)
+        if self._pending or not piece.isascii():
+            self._pending = _utf8_tail(self._pending + piece) or b""
+
+    def _full_pass(self, values: np.ndarray) -> int:
+        """The chain's token after the grammar masks the whole vocabulary (and tokens that would
+        break UTF-8 are excluded, a few at most)."""
+        cur, banned = self._all, list[int]()
+        while True:
+            cur.fill(values)
+            if banned:
+                cur.data["logit"][banned] = -np.inf
+            llama_cpp.llama_sampler_apply(self._grammar, cur.ref)
+            llama_cpp.llama_sampler_apply(self._chain.ptr, cur.ref)
+            token = cur.selected
+            if self._utf8_ok(token) or len(banned) >= self.MAX_REDRAWS:
+                return token
+            banned.append(token)
 
     def _allows(self, grammar: Any, token: int) -> bool:
         check = self._check
@@ -616,18 +655,12 @@ class ConstrainedSampler:
         token = cur.selected
         if self._grammar is None:
             token = self._free_token(values, token)
-        elif not self._allows(self._grammar, token):
+        elif not self._ok(token):
             allowed = self._greedy_allowed(token) if self._greedy else None
-            if allowed is not None:
-                token = allowed
-            else:
-                cur.fill(values)
-                llama_cpp.llama_sampler_apply(self._grammar, cur.ref)
-                llama_cpp.llama_sampler_apply(chain, cur.ref)
-                token = cur.selected
-            llama_cpp.llama_sampler_accept(self._grammar, token)
+            token = allowed if allowed is not None else self._full_pass(values)
+            self._accept(token)
         else:
-            llama_cpp.llama_sampler_accept(self._grammar, token)
+            self._accept(token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
 
@@ -649,7 +682,7 @@ class ConstrainedSampler:
                 continue
             if not np.isfinite(logits[token]):
                 return None
-            if self._allows(self._grammar, token):
+            if self._ok(token):
                 return int(token)
         return None
 
@@ -678,6 +711,17 @@ class ConstrainedSampler:
         if self._grammar is not None:
             _grammar_sampler_free(self._grammar)
             self._grammar = None
+
+
+def _utf8_tail(data: bytes) -> bytes | None:
+    """The incomplete character at the end of `data` (b"" if none), or None if `data` is not
+    valid UTF-8 so far (overlong forms and surrogates are invalid, as Python decodes)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        decoder.decode(data, final=False)
+    except UnicodeDecodeError:
+        return None
+    return decoder.getstate()[0]
 
 
 def _grammar_sampler_free(sampler: Any) -> None:

@@ -78,13 +78,17 @@ class _ArraysMixin:
         if "contains" in schema:  # minContains / maxContains mean nothing without contains
             at_least = _count(schema, "minContains", path)
             at_least = 1 if at_least is None else at_least
-            if at_least and (not _is_any(schema["contains"]) or "maxContains" in schema):
+            at_most = _count(schema, "maxContains", path)
+            # maxContains bounds the matching items even when minContains is 0.
+            if (at_least or at_most is not None) and not _is_any(schema["contains"]):
                 raise UnsupportedSchema(
                     "contains",
                     "contains is supported only with a schema any item matches",
                     path=path,
                 )
             low = max(low, at_least)  # any item matches: at least that many items
+            if at_most is not None:  # ... and at most that many
+                high = at_most if high is None else min(high, at_most)
         if high is not None and low > high:
             raise Unsatisfiable("minItems is greater than maxItems", path=path)
         if low > _MAX_REPEAT:

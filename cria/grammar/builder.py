@@ -43,7 +43,14 @@ from cria.grammar.limits import (
     _too_large,
 )
 from cria.grammar.objects import _ObjectsMixin
-from cria.grammar.schemas import _combine, _normalize, _resolve, _triggered_schemas, _unevaluated
+from cria.grammar.schemas import (
+    _combine,
+    _normalize,
+    _resolve,
+    _triggered_schemas,
+    _unevaluated,
+    check_nested_ids,
+)
 
 # --- The builder ------------------------------------------------------------------------------
 
@@ -83,6 +90,7 @@ class GrammarBuilder(_ObjectsMixin, _ArraysMixin, _ExclusiveMixin, _AmbiguityMix
         outer, self._doc = self._doc, schema
         self._work = 0
         try:
+            check_nested_ids(schema)
             rule = self._named(name, self._expr(schema, "", name))
             self._analyze(rule)
             return rule

@@ -15,7 +15,8 @@ Design
   fixed names; every other rule gets a unique name derived from where it sits in the schema.
 * `$ref` (local JSON pointers: "#", "#/$defs/X", "#/definitions/X", ...) becomes one rule per
   target, referenced by name, so recursive schemas are recursive grammars. Pointers resolve
-  against the document passed in (a nested `$id` does not start a new base).
+  against the document passed in; a `$ref` inside a subschema with its own `$id` (a new base)
+  is refused.
 * `allOf` is merged into one schema (the object case keeps JSON Schema's meaning:
   `additionalProperties` of each part restricts the merged keys). Keywords next to `anyOf` /
   `oneOf` / `$ref` are merged into each branch the same way.

@@ -156,3 +156,21 @@ def test_structured_output_refuses_ignore_eos(http: httpx.Client) -> None:
         "model": MODEL_ID, "messages": MESSAGES, "response_format": {"type": "json_object"},
         "ignore_eos": True, "max_tokens": 4})
     assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_bytes_that_are_not_utf8_cannot_stretch_a_string(http: httpx.Client, seed: int) -> None:
+    """llama.cpp's grammar reads an overlong UTF-8 sequence (e0 88 92) as one character, but the
+    text decodes it as three U+FFFD: with tokens 171 and 10644 (those bytes) pushed up, a string
+    of maxLength 1 came out three characters long. Now such tokens are refused."""
+    schema = {"type": "string", "maxLength": 1}
+    r = http.post("/v1/chat/completions", json={
+        "model": MODEL_ID, "messages": MESSAGES, "max_tokens": 20, "temperature": 0.7, "seed": seed,
+        "logit_bias": {"171": 100, "10644": 100},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        value = json.loads(choice["message"]["content"])
+        jsonschema.validate(value, schema)
+        assert "\ufffd" not in value
