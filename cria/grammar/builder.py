@@ -43,13 +43,13 @@ from cria.grammar.limits import (
     _too_large,
 )
 from cria.grammar.objects import _ObjectsMixin
+from cria.grammar.refs import check_nested_ids
 from cria.grammar.schemas import (
     _combine,
     _normalize,
     _resolve,
     _triggered_schemas,
     _unevaluated,
-    check_nested_ids,
 )
 
 # --- The builder ------------------------------------------------------------------------------
