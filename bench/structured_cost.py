@@ -44,14 +44,12 @@ import llguidance.llamacpp  # noqa: E402
 import llguidance.numpy as llg_np  # noqa: E402
 
 from cria.engine._bindings import llama_cpp  # noqa: E402
-from cria.engine.llama import (  # noqa: E402
-    Batch,
+from cria.engine.constrained import (  # noqa: E402
     ConstrainedSampler,
-    LlamaContext,
-    LlamaModel,
     _Candidates,
     _grammar_sampler,
 )
+from cria.engine.llama import Batch, LlamaContext, LlamaModel  # noqa: E402
 from cria.engine.sampling import SamplerStep  # noqa: E402
 from cria.grammar import json_schema_grammar  # noqa: E402
 
@@ -302,9 +300,9 @@ def sampler_bench(args: argparse.Namespace, model: LlamaModel) -> tuple[dict[str
         if isinstance(sampler, ConstrainedSampler):
             allows = sampler._allows
 
-            def counting(grammar: Any, token: int, _a: Any = allows) -> bool:
+            def counting(grammar: Any, token: int, _a: Any = allows, _r: list[int] = refused) -> bool:
                 ok = _a(grammar, token)
-                refused[0] += not ok
+                _r[0] += not ok
                 return ok
 
             sampler._allows = counting  # type: ignore[method-assign]

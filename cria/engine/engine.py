@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from cria.engine.base import EngineBase, EngineConfig, EngineState, StepObserver
+from cria.engine.constrained import ConstrainedSampler
 from cria.engine.embedder import Embedder, EmbeddingJob
 from cria.engine.llama import (
     Batch,
-    ConstrainedSampler,
     DecodeResult,
     LlamaContext,
     LlamaModel,

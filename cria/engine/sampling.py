@@ -19,7 +19,7 @@ def sampler_recipe(
     params: SamplingParams, *, banned: Sequence[int] = ()
 ) -> tuple[SamplerStep, ...]:
     """The order llama.cpp itself uses: penalties, then truncation, then temperature, then draw.
-    (A grammar is not a step of the chain: llama.ConstrainedSampler applies it around it.)
+    (A grammar is not a step of the chain: constrained.ConstrainedSampler applies it around it.)
 
     Temperature 0 is greedy (argmax after penalties). A request without a seed gets a random
     one, so two unseeded requests differ while a seeded one repeats exactly.

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from cria.engine.llama import Batch, ConstrainedSampler, LlamaContext, LlamaModel
+from cria.engine.constrained import ConstrainedSampler
+from cria.engine.llama import Batch, LlamaContext, LlamaModel
 from cria.engine.sampling import SamplerStep
 from cria.grammar import json_schema_grammar
 from cria.models.spec import bundled_model_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cria.engine.llama import _utf8_tail
+from cria.engine.constrained import _utf8_tail
 from cria.grammar import UnsupportedSchema, json_schema_grammar
 
 from ._grammar import Vocab
