@@ -7,6 +7,7 @@ import ctypes
 import json
 import math
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,21 +69,28 @@ class Vocab:
         finally:
             llama_cpp.llama_sampler_free(smpl)
 
+    def full_mask(self, smpl: Any) -> tuple[np.ndarray, float]:
+        """The grammar applied to the whole vocabulary (disallowed tokens get -inf), and the
+        seconds the apply took."""
+        cands = np.zeros(self.n_tokens, dtype=_TOKEN_DATA)
+        cands["id"] = np.arange(self.n_tokens)
+        arr = llama_cpp.llama_token_data_array(
+            data=cands.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=self.n_tokens,
+            selected=-1,
+            sorted=False,
+        )
+        start = time.perf_counter()
+        llama_cpp.llama_sampler_apply(smpl, ctypes.byref(arr))
+        return cands, time.perf_counter() - start
+
     def generate(self, grammar: str, rng: random.Random, max_tokens: int = 400) -> str:
         """Random tokens among those the grammar allows, until it allows the end."""
         smpl = self.sampler(grammar)
         out = b""
         try:
             for _ in range(max_tokens):
-                cands = np.zeros(self.n_tokens, dtype=_TOKEN_DATA)
-                cands["id"] = np.arange(self.n_tokens)
-                arr = llama_cpp.llama_token_data_array(
-                    data=cands.ctypes.data_as(llama_cpp.llama_token_data_p),
-                    size=self.n_tokens,
-                    selected=-1,
-                    sorted=False,
-                )
-                llama_cpp.llama_sampler_apply(smpl, ctypes.byref(arr))
+                cands, _seconds = self.full_mask(smpl)
                 allowed = cands["id"][np.isfinite(cands["logit"])]
                 if self.eos in allowed:
                     return out.decode()

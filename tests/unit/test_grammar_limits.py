@@ -5,12 +5,10 @@ Grammars are checked by llama.cpp's own grammar sampler, see `_grammar.Vocab`.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from typing import Any, Literal
 
 import llama_cpp
-import numpy as np
 import pydantic
 import pytest
 from openai.lib._pydantic import to_strict_json_schema
@@ -22,7 +20,7 @@ from cria.grammar import (
 )
 from cria.grammar.limits import _check_repetitions
 
-from ._grammar import _TOKEN_DATA, Vocab, check
+from ._grammar import Vocab, check
 from ._grammar import lm as lm
 
 # --- Limits: ambiguity, nesting, size ---------------------------------------------------------
@@ -55,17 +53,7 @@ def full_apply_seconds(lm: Vocab, grammar: str, prefix: str) -> float:
         for token in lm.tokenize(prefix):
             assert lm.allowed(smpl, token), prefix
             llama_cpp.llama_sampler_accept(smpl, token)
-        cands = np.zeros(lm.n_tokens, dtype=_TOKEN_DATA)
-        cands["id"] = np.arange(lm.n_tokens)
-        arr = llama_cpp.llama_token_data_array(
-            data=cands.ctypes.data_as(llama_cpp.llama_token_data_p),
-            size=lm.n_tokens,
-            selected=-1,
-            sorted=False,
-        )
-        start = time.perf_counter()
-        llama_cpp.llama_sampler_apply(smpl, ctypes.byref(arr))
-        return time.perf_counter() - start
+        return lm.full_mask(smpl)[1]
     finally:
         llama_cpp.llama_sampler_free(smpl)
 
