@@ -15,15 +15,6 @@ from cria.settings import Settings, env_name, flags_of
 
 log = logging.getLogger("cria")
 
-# Options accepted now whose feature comes later: refusing them beats ignoring them.
-NOT_YET = {
-    "tokenizer_path": "an external tokenizer (the GGUF's own tokenizer is used)",
-    "tokenizer_repository": "a tokenizer repository (the GGUF's own tokenizer is used)",
-    "lora_adapters": "LoRA adapters",
-    "n_gqa": "--n-gqa (GGUF files carry their GQA factor)",
-}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit code 2, no usage dump
         raise StartupError(message)
@@ -44,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         if annotation is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif name == "lora_adapters":
-            parser.add_argument(*flags, dest=name, nargs="+", metavar="PATH", help=help_text)
+            parser.add_argument(
+                *flags, dest=name, nargs="+", action="extend", metavar="[NAME=]PATH[:SCALE]", help=help_text
+            )
         else:
             parser.add_argument(*flags, dest=name, metavar=name.upper(), help=help_text)
     parser.formatter_class = argparse.HelpFormatter
@@ -81,10 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
         _configure_logging(settings.log_level, settings.log_format)
-        for name, what in NOT_YET.items():
-            if getattr(settings, name) is not None:
-                flag = flags_of(name)[-1]
-                raise StartupError(f"{flag}: {what} is not supported yet")
         from cria.models.spec import resolve_embedding_model, resolve_model
 
         spec = resolve_model(settings)
@@ -111,7 +100,7 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
     from cria.api.app import create_app
     from cria.engine.base import EngineBase, EngineConfig
     from cria.engine.engine import Engine
-    from cria.engine.llama import LlamaModel, library_version, supports_gpu_offload
+    from cria.engine.llama import library_version, supports_gpu_offload
     from cria.engine.remote import RemoteEngine
     from cria.engine.worker import WorkerSpec
 
@@ -133,33 +122,33 @@ def serve(settings: Settings, spec: Any, embedding_spec: Any = None) -> int:
         max_queue=settings.max_queue,
         prompt_cache_bytes=settings.prompt_cache_mib * 1024 * 1024,
         overlap_text=settings.overlap_output == "on" or (settings.overlap_output == "auto" and on_gpu),
+        adapters=tuple(spec.adapter_ids),
     )
-    embedding_path = None if embedding_spec is None else embedding_spec.path
+    worker_spec = WorkerSpec(
+        model=spec.path,
+        n_gpu_layers=settings.n_gpu_layers,
+        use_mmap=settings.prefer_mmap,
+        config=config,
+        embedding_model=None if embedding_spec is None else embedding_spec.path,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+        switch_interval=sys.getswitchinterval(),
+        tokenizer=spec.tokenizer,
+        adapters=spec.adapters,
+    )
     engine: EngineBase
     if settings.engine_process == "on" or (settings.engine_process == "auto" and on_gpu):
-        engine = RemoteEngine(
-            WorkerSpec(
-                model=spec.path,
-                n_gpu_layers=settings.n_gpu_layers,
-                use_mmap=settings.prefer_mmap,
-                config=config,
-                embedding_model=embedding_path,
-                log_level=settings.log_level,
-                log_format=settings.log_format,
-                switch_interval=sys.getswitchinterval(),
-            ),
-            max_restarts=settings.engine_restarts,
-        )
+        engine = RemoteEngine(worker_spec, max_restarts=settings.engine_restarts)
     else:
         engine = Engine(
-            lambda: LlamaModel(spec.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap),
+            worker_spec.load_model,
             config,
-            load_embedding_model=None if embedding_path is None else lambda: LlamaModel(
-                embedding_path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.prefer_mmap
-            ),
+            load_embedding_model=None if embedding_spec is None else worker_spec.load_embedding_model,
         )
     app = create_app(settings, spec, engine, embedding_spec=embedding_spec)
     log.info("serving %s (%s) on http://%s:%d", spec.id, spec.path, settings.host, settings.port)
+    for adapter in spec.adapters:
+        log.info("serving LoRA adapter %s of %s (%s)", adapter.name, spec.id, adapter.path)
     if embedding_spec is not None:
         log.info("serving embeddings with %s (%s)", embedding_spec.id, embedding_spec.path)
     uvicorn.run(

@@ -6,12 +6,13 @@ pydantic-settings with the `CRIA_` prefix. The command line wins over the enviro
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CRIA_"
 
@@ -19,6 +20,12 @@ ENV_PREFIX = "CRIA_"
 def _opt(*flags: str, help: str, **kwargs: Any) -> Any:
     """A settings field with its command-line flags kept beside it."""
     return Field(json_schema_extra={"flags": list(flags)}, description=help, **kwargs)
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/cria, else ~/.cache/cria."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "cria"
 
 
 def default_threads() -> int:
@@ -47,16 +54,24 @@ class Settings(BaseSettings):
     model: Path | None = _opt(
         "--model",
         default=None,
-        help="Path to a GGUF model. Default: the bundled SmolLM2-135M-Instruct.",
+        help="Path to a GGUF model, or a legacy GGML .bin (ggjt/ggmf/ggml, llama only), converted "
+        "once to GGUF in --cache-dir. Default: the bundled SmolLM2-135M-Instruct.",
     )
     tokenizer_path: Path | None = _opt(
-        "-v", "--tokenizer-path", default=None, help="Path to an external tokenizer (not yet supported)."
+        "-v",
+        "--tokenizer-path",
+        default=None,
+        help="A tokenizer.json, or a Hugging Face model folder (tokenizer.json, "
+        "tokenizer_config.json with its chat template, config.json). It replaces the GGUF's own "
+        "tokenizer and chat template; for a GGML .bin it gives the vocabulary and, with a "
+        "config.json, the hyperparameters the file lacks.",
     )
     tokenizer_repository: str | None = _opt(
         "-r",
         "--tokenizer-repository",
         default=None,
-        help="Tokenizer repository id (not yet supported).",
+        help="A Hugging Face repository id whose tokenizer is used as with -v, from the Hugging "
+        "Face cache (downloaded into it when online; HF_HUB_OFFLINE is honoured).",
     )
     host: str = _opt("-H", "--host", default="0.0.0.0", help="Address to listen on.")
     port: int = _opt("-p", "--port", default=3000, ge=0, le=65535, help="Port to listen on.")
@@ -71,8 +86,14 @@ class Settings(BaseSettings):
         le=1 << 20,
         help="Context size of each slot, in tokens (prompt + completion).",
     )
-    lora_adapters: list[Path] | None = _opt(
-        "-l", "--lora-adapters", default=None, help="LoRA adapter files (not yet supported)."
+    lora_adapters: Annotated[list[str] | None, NoDecode] = _opt(
+        "-l",
+        "--lora-adapters",
+        default=None,
+        help="LoRA adapters, each served as its own model id: [NAME=]PATH[:SCALE], PATH a GGUF "
+        "LoRA or a PEFT folder (adapter_config.json + adapter_model.safetensors, converted once "
+        "in --cache-dir). NAME defaults to the file's stem or the folder's name, SCALE to 1. "
+        "Several after one -l; in CRIA_LORA_ADAPTERS comma-separated or a JSON list.",
     )
     use_gpu: bool = _opt(
         "-u", "--use-gpu", default=False, help="Offload layers to the GPU (CUDA or Metal build)."
@@ -85,13 +106,28 @@ class Settings(BaseSettings):
         help="Layers to offload to the GPU (implies --use-gpu). Default with --use-gpu: all.",
     )
     n_gqa: int | None = _opt(
-        "--n-gqa", default=None, ge=1, help="Grouped-query attention factor (legacy GGML; not yet supported)."
+        "--n-gqa",
+        default=None,
+        ge=1,
+        help="For a GGML .bin: the grouped-query attention factor, n_head / n_head_kv (8 for "
+        "Llama-2 70B), which GGML headers lack. Ignored with a warning for a GGUF (it carries it).",
     )
     zipkin_endpoint: str | None = _opt(
         "-z", "--zipkin-endpoint", default=None, help="Zipkin v2 JSON endpoint to export traces to, e.g. http://127.0.0.1:9411/api/v2/spans. Default: no tracing."
     )
 
     # --- Cria's own options ---
+    cache_dir: Path = _opt(
+        "--cache-dir",
+        default_factory=lambda: default_cache_dir(),
+        help="Where converted files go (GGML models, PEFT adapters), each converted once and "
+        "converted again when its source changes.",
+    )
+    service_name: str = _opt(
+        "--service-name",
+        default="cria",
+        help="The OpenTelemetry service.name of exported spans (with --zipkin-endpoint).",
+    )
     parallel: int = _opt(
         "--parallel", default=4, ge=1, le=256, help="Number of slots: sequences decoded together."
     )
@@ -185,6 +221,31 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("lora_adapters", mode="before")
+    @classmethod
+    def _split_adapters(cls, value: object) -> object:
+        """The environment gives one string: a JSON list, or entries separated by commas."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    raise ValueError("not a valid JSON list") from None
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
+        if isinstance(value, list) and not value:
+            return None
+        return value
+
+    @field_validator("service_name")
+    @classmethod
+    def _check_service_name(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -54,9 +54,10 @@ it has its own TracerProvider too, flushed on shutdown."""
         context_size=settings.context_size,
         gpu_layers=settings.n_gpu_layers,
         llama_cpp_version=library_version(),
+        adapter_ids=spec.adapter_ids,
     )
     engine.set_observer(app_metrics)
-    tracing = Tracing.create(settings.zipkin_endpoint)
+    tracing = Tracing.create(settings.zipkin_endpoint, service_name=settings.service_name)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

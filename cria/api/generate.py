@@ -93,7 +93,9 @@ def submit_all(engine: EngineBase, requests: Sequence[GenerationRequest]) -> lis
     streams: list[RequestStream] = []
     try:
         for request in requests:
-            streams.append(engine.submit(request))
+            stream = engine.submit(request)
+            stream.adapter = request.adapter
+            streams.append(stream)
     except BaseException:
         for stream in streams:
             stream.close()
@@ -112,12 +114,14 @@ def cancel_all(streams: Sequence[RequestStream], metrics: Metrics) -> None:
     close_all(streams)
 
 
-def _record(metrics: Metrics, delta: Delta, trace: RequestTrace | None) -> None:
+def _record(
+    metrics: Metrics, delta: Delta, trace: RequestTrace | None, adapter: str | None = None
+) -> None:
     """Record a sequence's last Delta (tokens, finish reason, engine timings) in the metrics,
     in the request's access line and, when tracing is on, as its queue/prefill/decode spans."""
     assert delta.finish_reason is not None and delta.usage is not None
     assert delta.timings is not None
-    metrics.record_finished(delta.finish_reason, delta.usage, delta.timings)
+    metrics.record_finished(delta.finish_reason, delta.usage, delta.timings, adapter=adapter)
     note_sequence(delta.usage, delta.timings)
     if trace is not None:
         trace.record_sequence(delta.finish_reason, delta.usage, delta.timings)
@@ -145,7 +149,7 @@ async def _collect_one(
             prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             assert delta.usage is not None
-            _record(metrics, delta, trace)
+            _record(metrics, delta, trace, stream.adapter)
             return ChoiceResult(
                 "".join(parts), delta.finish_reason, delta.usage, logprobs, prompt_logprobs
             )
@@ -174,7 +178,7 @@ async def merge(
         try:
             async for delta in streams[0]:
                 if delta.finish_reason is not None:
-                    _record(metrics, delta, trace)
+                    _record(metrics, delta, trace, streams[0].adapter)
                 yield 0, delta
         finally:
             streams[0].close()
@@ -200,7 +204,7 @@ async def merge(
                 raise item
             else:
                 if item.finish_reason is not None:
-                    _record(metrics, item, trace)
+                    _record(metrics, item, trace, streams[index].adapter)
                 yield index, item
     finally:
         for task in tasks:

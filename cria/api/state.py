@@ -29,13 +29,14 @@ class AppState:
 
     @property
     def model_ids(self) -> list[str]:
-        ids = [self.spec.id]
+        ids = [self.spec.id, *self.spec.adapter_ids]
         if self.embedding_spec is not None:
             ids.append(self.embedding_spec.id)
         return ids
 
-    def check_model(self, model: str) -> None:
-        """For the generation routes: the chat model, never the dedicated embedding model."""
+    def check_model(self, model: str) -> str | None:
+        """For the generation routes: the chat model or one of its LoRA adapters, never the
+        dedicated embedding model. Returns the adapter's name (None: the base model)."""
         if self.embedding_spec is not None and model == self.embedding_spec.id:
             raise InvalidRequest(
                 f"'{model}' is an embedding model: use POST /v1/embeddings with it, or "
@@ -44,10 +45,18 @@ class AppState:
                 code="model_not_supported",
             )
         self._check_known(model)
+        return model if model in self.spec.adapter_ids else None
 
     def check_embedding_model(self, model: str) -> None:
         """For /v1/embeddings: the dedicated embedding model if there is one, else the chat
         model."""
+        if model in self.spec.adapter_ids:
+            raise InvalidRequest(
+                f"'{model}' is a LoRA adapter of '{self.spec.id}', for generation; embeddings "
+                f"come from '{self.embedding_spec.id if self.embedding_spec else self.spec.id}'",
+                param="model",
+                code="model_not_supported",
+            )
         if self.embedding_spec is not None and model == self.spec.id:
             raise InvalidRequest(
                 f"'{model}' is this server's chat model; embeddings come from "

@@ -32,6 +32,7 @@ class EngineConfig:
     # computation ends (layers offloaded to a GPU); on the CPU it would delay every token by
     # one step.
     overlap_text: bool = False
+    adapters: tuple[str, ...] = ()  # the names of the model's LoRA adapters (GenerationRequest.adapter)
 
 
 class StepObserver(Protocol):
@@ -164,6 +165,8 @@ class EngineBase(ABC):
                 f"context of {self.config.n_ctx_per_seq} tokens",
                 param="max_tokens",
             )
+        if req.adapter is not None and req.adapter not in self.config.adapters:
+            raise InvalidRequest(f"no LoRA adapter is named '{req.adapter}'", param="model")
         n_vocab = model.n_vocab
         if any(t < 0 or t >= n_vocab for t in req.prompt):
             raise InvalidRequest(f"the prompt holds a token id outside [0, {n_vocab})", param="prompt")

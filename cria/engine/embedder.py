@@ -14,7 +14,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cria.engine.llama import Batch, DecodeResult, EmbeddingContext, LlamaModel
+from cria.engine.batch import Batch
+from cria.engine.llama import DecodeResult, EmbeddingContext, LlamaModel
 from cria.engine.scheduler import EmbeddingPacer, pack_inputs
 from cria.engine.types import EmbeddingRequest, EmbeddingResult
 from cria.engine.vectors import finish_vector

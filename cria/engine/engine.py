@@ -4,10 +4,10 @@
          ▲                                                                │
          └── RequestStream (async iterator of Delta) ◄── call_soon_threadsafe ◄── step()
 
-A step plans (decode every running sequence, then prompt chunks within the batch budget),
-runs one `llama_decode` for all of them, then samples, detokenizes and matches stops. Between
-steps the same thread runs embedding decodes on a context of their own (embedder.py), paced so
-that generation is not starved.
+A step admits (admission.py), plans (decode every running sequence, then prompt chunks within
+the batch budget), runs one `llama_decode` for all of them (batching.py), then samples,
+detokenizes and matches stops (output.py). Between steps the same thread runs embedding decodes
+on a context of their own (embedder.py), paced so that generation is not starved.
 """
 
 from __future__ import annotations
@@ -17,83 +17,35 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from cria.engine.admission import MIN_SAVED_TOKENS, Admission
 from cria.engine.base import EngineBase, EngineConfig, EngineState, StepObserver
-from cria.engine.constrained import ConstrainedSampler
+from cria.engine.batch import Batch
+from cria.engine.batching import Batcher, new_sampler
 from cria.engine.embedder import Embedder, EmbeddingJob
-from cria.engine.llama import (
-    Batch,
-    DecodeResult,
-    LlamaContext,
-    LlamaModel,
-    SamplerChain,
-)
-from cria.engine.logprobs import log_softmax, top_tokens
+from cria.engine.llama import LlamaContext, LlamaModel
+from cria.engine.output import Output, _deliver
 from cria.engine.prompt_cache import PromptCache
-from cria.engine.sampling import sampler_recipe
-from cria.engine.scheduler import SeqState, StepPlan, plan_step
-from cria.engine.slots import Slot, SlotTable
+from cria.engine.scheduler import AdapterTurns, SeqState, plan_step
+from cria.engine.seq import _Seq, _TextWork
+from cria.engine.slots import SlotTable
 from cria.engine.stream import RequestStream
-from cria.engine.text import Detokenizer, StopMatcher
+from cria.engine.text import StopMatcher
 from cria.engine.timing import StepTiming
-from cria.engine.types import (
-    Delta,
-    EmbeddingRequest,
-    EmbeddingResult,
-    EngineStats,
-    FinishReason,
-    GenerationRequest,
-    Timings,
-    TokenLogprob,
-    Usage,
-)
-from cria.errors import (
-    CriaError,
-    EngineFailure,
-    EngineUnavailable,
-    Overloaded,
-)
+from cria.engine.types import EmbeddingRequest, EmbeddingResult, EngineStats, GenerationRequest
+from cria.errors import CriaError, EngineFailure, EngineUnavailable, Overloaded
+
+# Re-exported: worker.py and remote.py hand output over with `_deliver`.
+__all__ = ["MIN_SAVED_TOKENS", "Engine", "_Seq", "_TextWork", "_deliver"]
 
 log = logging.getLogger(__name__)
 
-# A slot about to lose fewer tokens than this is not worth saving to the prompt cache.
-MIN_SAVED_TOKENS = 32
-
-
-@dataclass(slots=True)
-class _Seq:
-    """Engine-private state of one running request."""
-
-    req: GenerationRequest
-    stream: RequestStream
-    loop: asyncio.AbstractEventLoop
-    slot: Slot | None = None
-    n_cached: int = 0  # prompt tokens reused from the slot's cache
-    n_generated: int = 0
-    pending: int | None = None  # sampled token not yet decoded into the KV cache
-    sampler: SamplerChain | ConstrainedSampler | None = None
-    detok: Detokenizer = field(default_factory=Detokenizer)
-    stops: StopMatcher | None = None
-    # perf_counter() instants for Timings (submitted is taken on the event loop)
-    t_submitted: float = 0.0
-    t_admitted: float = 0.0
-    t_first_token: float | None = None
-    n_sampled: int = 0
-    lps: list[TokenLogprob] = field(default_factory=list)  # logprobs not yet emitted
-    # Prompt logprobs (prompt_logprobs requests): filled chunk by chunk, sent with the first Delta.
-    prompt_lps: list[TokenLogprob | None] | None = None
-    is_finished: bool = False  # out of the running set, its slot released (text may be owed)
-    is_closed: bool = False  # failed or aborted: nothing more is sent on its stream
-
-    @property
-    def n_prompt_left(self) -> int:
-        assert self.slot is not None
-        return max(len(self.req.prompt) - len(self.slot.cached), 0)
+# With LoRA adapters, the steps an adapter set keeps while another set waits (AdapterTurns).
+ADAPTER_QUANTUM = 4
 
 
 class Engine(EngineBase):
@@ -129,17 +81,18 @@ class Engine(EngineBase):
         self._prompt_cache: PromptCache[np.ndarray] | None = (
             PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes else None
         )
+        self._admission = Admission(self._slots, self._prompt_cache)
+        self._adapter_turns: AdapterTurns | None = None  # with LoRA adapters: whose step it is
         self._ctx: LlamaContext | None = None
         self._batch: Batch | None = None
+        self._batcher: Batcher | None = None  # made with the context
         self._embedder: Embedder | None = None
+        self._output = Output(self._finish)
         # Text work of the last step's tokens, done while the next step decodes (overlap_text).
         self._owed: list[_TextWork] = []
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Delta | CriaError]]] = {}
         self._by_slot: dict[int, _Seq] = {}
         self._eog_ids: list[int] = []
         self._timing = StepTiming()
-        self._n_steps = 0
-        self._max_seqs_per_step = 0
         self._ready = threading.Event()
         self._observer: StepObserver | None = None
 
@@ -224,9 +177,10 @@ class Engine(EngineBase):
         with self._cond:
             n_waiting = self._n_queued
             n_embedding_jobs = self._n_embed_jobs
-        timing = self._timing
+        timing, batcher = self._timing, self._batcher
         slots = self._slots.slots  # read racily from another thread: a snapshot for display
         cache = self._prompt_cache
+        turns = self._adapter_turns
         return EngineStats(
             python_us_per_step=timing.python_us_per_step,
             python_us_per_seq=timing.python_us_per_seq,
@@ -234,8 +188,8 @@ class Engine(EngineBase):
             step_seconds=timing.busy_s,
             python_seconds=timing.python_s,
             n_seq_steps=timing.n_seq_steps,
-            n_steps=self._n_steps,
-            max_seqs_per_step=self._max_seqs_per_step,
+            n_steps=batcher.n_steps if batcher is not None else 0,
+            max_seqs_per_step=batcher.max_seqs_per_step if batcher is not None else 0,
             n_running=len(self._running),
             n_waiting=n_waiting,
             n_slots=self.config.n_slots,
@@ -249,6 +203,8 @@ class Engine(EngineBase):
             n_kv_total_cells=self.config.n_slots * self.config.n_ctx_per_seq,
             n_prompt_cache_entries=len(cache) if cache is not None else 0,
             prompt_cache_bytes=cache.n_bytes if cache is not None else 0,
+            n_adapter_switches=self._ctx.n_adapter_switches if self._ctx is not None else 0,
+            max_adapter_wait_steps=turns.max_wait_steps if turns is not None else 0,
         )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -271,7 +227,19 @@ class Engine(EngineBase):
                 n_threads=self.config.n_threads,
             )
             self._batch = Batch(self.config.n_batch)
+            if self.model.adapters:
+                self._adapter_turns = AdapterTurns(ADAPTER_QUANTUM)
             self._eog_ids = [t for t in range(self.model.n_vocab) if self.model.is_eog(t)]
+            self._output.model = self.model
+            self._batcher = Batcher(
+                self._ctx,
+                self.model,
+                self._batch,
+                eog_ids=self._eog_ids,
+                timing=self._timing,
+                output=self._output,
+                slots=self._slots,
+            )
             self._start_embedder()
         except Exception as exc:
             log.error("the engine could not start: %s", exc)
@@ -292,22 +260,22 @@ class Engine(EngineBase):
             while self._take_inbox():
                 self.step()
             owed, self._owed = self._owed, []
-            self._text(owed)  # the last step's text (overlap_text), while the model is there
+            self._output.text(owed)  # the last step's text (overlap_text), while the model is there
         except BaseException as exc:  # a bug in the loop itself: fail everyone, stay visible
             log.exception("the engine loop died")
             self._failure = f"engine loop died: {exc!r}"
             self._state = EngineState.DEAD
             for seq in self._unanswered():
-                self._emit(seq, EngineUnavailable("the engine stopped"))
+                self._output.emit(seq, EngineUnavailable("the engine stopped"))
             self._fail_embeddings(EngineUnavailable("the engine stopped"))
-            self._flush()
+            self._output.flush()
             raise
         finally:
             self._close()
         for seq in self._unanswered():
-            self._emit(seq, EngineUnavailable("the server is shutting down"))
+            self._output.emit(seq, EngineUnavailable("the server is shutting down"))
         self._fail_embeddings(EngineUnavailable("the server is shutting down"))
-        self._flush()
+        self._output.flush()
 
     def _unanswered(self) -> list[_Seq]:
         """Requests whose stream has not had its last item: queued, running, or finished with
@@ -403,26 +371,27 @@ class Engine(EngineBase):
         """One engine step: admit, plan, decode, postprocess; then at most one embedding
         decode, when the pacer allows one (always while generation is idle)."""
         started = time.perf_counter()
-        if self._outbox and self._waiting and self._slots.n_free:
-            self._flush()  # admitting may save or restore KV states: hand the output over first
-        self._admit()
-        plan = plan_step(
-            [SeqState(s.slot.id, s.n_prompt_left) for s in self._running if s.slot is not None],
-            self.config.n_batch,
+        assert self._ctx is not None and self._batcher is not None
+        if self._output.has_items and self._waiting and self._slots.n_free:
+            # Admitting may save or restore KV states: hand the output over first.
+            self._output.flush()
+        self._admission.admit(
+            self._ctx, self._waiting, self._running, start=self._start, dequeued=self._dequeued
         )
-        sampled = self._decode(plan) if not plan.is_empty else []
+        plan = plan_step(self._turn(), self.config.n_batch)
+        sampled = self._batcher.decode(plan, self._by_slot) if not plan.is_empty else []
         if self._owed:  # the last step's text, while this step's llama_decode computes
             owed, self._owed = self._owed, []
-            self._text(owed)
-            self._flush()
+            self._output.text(owed)
+            self._output.flush()
         if sampled:
-            work = self._postprocess(sampled)
+            work = self._output.postprocess(sampled, self._batcher.sample)
             if self.config.overlap_text and self._running:
                 self._owed = work  # the next step follows at once: it does this work
             else:
-                self._text(work)
+                self._output.text(work)
         if not self._running or (self._embedder is not None and self._embedder.has_work):
-            self._flush()
+            self._output.flush()
         # else the next step hands this output over just before its llama_decode: the event
         # loop then takes the GIL while the engine has no use for it, not in the middle of
         # planning and batch filling (a GIL hand-over can cost up to the switch interval).
@@ -437,363 +406,32 @@ class Engine(EngineBase):
         if self._embedder is not None:
             self._embedder.run(is_generating=bool(self._running or self._waiting))
 
-    def _group_is_prefilling(self, seq: _Seq) -> bool:
-        """Whether another request of seq's group is still computing the shared prompt."""
-        group = seq.req.group
-        return group is not None and any(
-            s.req.group == group and s.slot is not None and s.n_prompt_left > 1
-            for s in self._running
-        )
-
-    def _admit(self) -> None:
-        assert self._ctx is not None and self.model is not None
-        deferred: list[_Seq] = []
-        # A deferred request keeps its place: the slots it will need are not given to requests
-        # queued after it.
-        while self._waiting and self._slots.n_free > len(deferred):
-            seq = self._waiting.popleft()
-            if self._group_is_prefilling(seq):
-                deferred.append(seq)  # admitted once the group's prompt is in the KV cache
-                continue
-            self._dequeued()
-            if seq.req.prompt_logprobs:
-                # Every prompt token's logits are needed: nothing cached can stand in for them,
-                # so take the slot whose cache is worth least.
-                slot_id = self._slots.choose_scratch()
-                assert slot_id is not None
-                self._save_evicted(slot_id, 0)
-                self._ctx.seq_rm(slot_id, 0)
-                seq.slot = self._slots.acquire(slot_id, 0)
-                seq.prompt_lps = [None]
-                self._start(seq, slot_id, 0)
-                continue
-            choice = self._slots.choose(seq.req.prompt)
-            assert choice is not None
-            slot_id, n_reuse = choice
-            self._save_evicted(slot_id, n_reuse)
-            donor = self._slots.best_donor(seq.req.prompt, exclude=slot_id)
-            saved = self._prompt_cache.best(seq.req.prompt) if self._prompt_cache else None
-            n_donor = donor[1] if donor is not None else 0
-            if saved is not None and saved[1] > max(n_reuse, n_donor) and self._ctx.seq_rm(slot_id, 0):
-                # The prompt came back after leaving every slot: restore its KV from host memory.
-                # The slot's own cache is gone from here on, whether the restore works or not.
-                self._slots.forget(slot_id)
-                n_reuse = 0
-                if self._ctx.seq_state_load(slot_id, saved[0].state) and self._ctx.seq_rm(
-                    slot_id, saved[1]
-                ):
-                    n_reuse = saved[1]
-                    seq.slot = self._slots.acquire_tokens(slot_id, saved[0].tokens[:n_reuse])
-                    self._start(seq, slot_id, n_reuse)
-                    continue
-                log.warning("slot %d: a prompt cache entry did not restore; dropped", slot_id)
-                self._ctx.seq_rm(slot_id, 0)
-                assert self._prompt_cache is not None
-                self._prompt_cache.discard(saved[0].tokens)
-            if donor is not None and donor[1] > n_reuse:
-                # Another slot (busy or idle) already holds a longer prefix of this prompt:
-                # copying its KV costs a memory copy instead of a prefill.
-                donor_id, n_donor = donor
-                if self._ctx.seq_copy_prefix(donor_id, slot_id, n_donor):
-                    seq.slot = self._slots.acquire_copy(slot_id, donor_id, n_donor)
-                    self._start(seq, slot_id, n_donor)
-                    continue
-                n_reuse = 0  # the copy could not be cut to the prefix: it goes below
-            if not self._ctx.seq_rm(slot_id, n_reuse):
-                # Partial removal unsupported (e.g. recurrent models): start afresh.
-                self._ctx.seq_rm(slot_id, 0)
-                n_reuse = 0
-            seq.slot = self._slots.acquire(slot_id, n_reuse)
-            self._start(seq, slot_id, n_reuse)
-        self._waiting.extendleft(reversed(deferred))
+    def _turn(self) -> list[SeqState]:
+        """The sequences this step may decode: all of them, unless LoRA adapters are in use;
+        then those of one adapter set (llama.cpp applies one set to the whole context), the
+        set in turn (AdapterTurns), which the context is switched to."""
+        running = [s for s in self._running if s.slot is not None]
+        if self._adapter_turns is not None and running:
+            assert self._ctx is not None
+            adapter = self._adapter_turns.choose(s.req.adapter for s in running)
+            self._ctx.use_adapter(adapter)
+            running = [s for s in running if s.req.adapter == adapter]
+        return [SeqState(s.slot.id, s.n_prompt_left) for s in running if s.slot is not None]
 
     def _start(self, seq: _Seq, slot_id: int, n_reuse: int) -> None:
         """Make an admitted request (its slot acquired) a running one."""
         assert self.model is not None
         seq.n_cached = n_reuse
         seq.t_admitted = time.perf_counter()
-        params = seq.req.sampling
         try:
-            recipe = sampler_recipe(params, banned=self._eog_ids if seq.req.ignore_eos else ())
-            if params.grammar is not None:
-                seq.sampler = ConstrainedSampler(
-                    recipe, model=self.model, grammar=params.grammar, trigger=params.grammar_trigger
-                )
-            elif not params.is_plain_greedy:
-                seq.sampler = SamplerChain(recipe, model=self.model)
+            seq.sampler = new_sampler(seq.req, self.model, self._eog_ids)
         except Exception as exc:
             log.exception("could not build the sampler of %s", seq.req.id)
-            self._fail(seq, EngineFailure(f"could not set up sampling: {exc}"))
+            self._output.fail(seq, EngineFailure(f"could not set up sampling: {exc}"))
             return
         seq.stops = StopMatcher(seq.req.stop, repeated_block=seq.req.stop_at_repeated_block)
         self._running.append(seq)
         self._by_slot[slot_id] = seq
-
-    def _save_evicted(self, slot_id: int, n_keep: int) -> None:
-        """Before a slot's cache is cut to `n_keep` tokens for a new prompt, keep its KV state in
-        the host-memory prompt cache, if enough would be lost and it is not there already."""
-        cache, ctx = self._prompt_cache, self._ctx
-        if cache is None or ctx is None:
-            return
-        cached = self._slots.slots[slot_id].cached
-        if len(cached) - n_keep < MIN_SAVED_TOKENS or cache.covers(cached):
-            return
-        if self._slots.holder(cached, exclude=slot_id) is not None:
-            # Another slot holds these tokens too: a prompt that wants them copies them from
-            # there, and that slot saves them when it is reused in turn.
-            return
-        try:
-            cache.put(cached, ctx.seq_state_save(slot_id))
-        except Exception:  # a cache is an optimisation: never fail a request over it
-            log.exception("could not save slot %d to the prompt cache", slot_id)
-
-    def _decode(self, plan: StepPlan) -> list[tuple[_Seq, int]]:
-        """Fill the batch from the plan and run one llama_decode. Returns the sequences to
-        sample, each with its output row in the step's logits."""
-        assert self._ctx is not None and self._batch is not None
-        by_slot = self._by_slot
-        batch = self._batch
-        batch.clear()
-        to_sample: list[tuple[_Seq, int]] = []
-        fed: list[tuple[_Seq, Sequence[int]]] = []
-        scored: list[tuple[_Seq, int, int, int]] = []  # prompt chunks with logits on every token
-        # Everything in slot order, prompt chunks at their slot's place: llama.cpp (one KV
-        # stream per sequence) puts runs of consecutive sequence ids in one ubatch.
-        chunks = {c.slot_id: c for c in plan.prefills}
-        run: list[_Seq] = []  # consecutive decode entries, added with one slice assignment
-
-        def add_run() -> None:
-            tokens = [s.pending for s in run]
-            positions = [len(s.slot.cached) for s in run]  # type: ignore[union-attr]
-            slot_ids = [s.slot.id for s in run]  # type: ignore[union-attr]
-            row = batch.add_decodes(tokens, positions, slot_ids)  # type: ignore[arg-type]
-            for k, seq in enumerate(run):
-                to_sample.append((seq, row + k))
-                fed.append((seq, (seq.pending,)))  # type: ignore[arg-type]
-            run.clear()
-
-        for slot_id in sorted([*plan.decodes, *chunks]):
-            chunk = chunks.get(slot_id)
-            seq = by_slot[slot_id]
-            if chunk is None:
-                run.append(seq)
-                continue
-            if run:
-                add_run()
-            assert seq.slot is not None
-            start = len(seq.slot.cached)
-            tokens_chunk = seq.req.prompt[start : start + chunk.n_tokens]
-            if seq.prompt_lps is not None:
-                first_row = batch.add_run(tokens_chunk, start, slot_id, logits="all")
-                assert first_row is not None
-                scored.append((seq, first_row, start, len(tokens_chunk)))
-                out_row = first_row + len(tokens_chunk) - 1 if chunk.is_last else None
-            else:
-                out_row = batch.add_run(
-                    tokens_chunk, start, slot_id, logits="last" if chunk.is_last else "none"
-                )
-            if out_row is not None:
-                to_sample.append((seq, out_row))
-            fed.append((seq, tokens_chunk))
-        if run:
-            add_run()
-        self._n_steps += 1
-        self._max_seqs_per_step = max(self._max_seqs_per_step, len(fed))
-        self._flush()
-        t0 = time.perf_counter()
-        result = self._ctx.decode(batch)
-        self._timing.decode_s += time.perf_counter() - t0
-        if result is not DecodeResult.OK:
-            message = {
-                DecodeResult.NO_KV_SLOT: "llama.cpp found no room in the KV cache for this step",
-                DecodeResult.ABORTED: "llama.cpp aborted the step",
-            }.get(result, "llama.cpp failed to decode this step")
-            for seq, _tokens in fed:
-                assert seq.slot is not None
-                self._ctx.seq_rm(seq.slot.id, 0)
-                self._slots.forget(seq.slot.id)
-                self._fail(seq, EngineFailure(message))
-            return []
-        for seq, fed_tokens in fed:
-            seq.slot.cached.extend(fed_tokens)  # type: ignore[union-attr]
-            seq.pending = None
-        failed: set[int] = set()
-        for seq, first_row, start, n in scored:
-            try:
-                self._score_prompt(seq, first_row, start, n)
-            except Exception as exc:  # e.g. out of memory: this request fails, not the engine
-                log.exception("could not score the prompt of %s", seq.req.id)
-                self._fail(seq, EngineFailure(f"could not compute the prompt's logprobs: {exc}"))
-                failed.add(id(seq))
-        if failed:
-            to_sample = [(seq, row) for seq, row in to_sample if id(seq) not in failed]
-        return to_sample
-
-    def _score_prompt(self, seq: _Seq, first_row: int, start: int, n: int) -> None:
-        """Log-probabilities of the prompt tokens that follow the chunk's positions."""
-        assert self._ctx is not None and self.model is not None and self._batch is not None
-        assert seq.prompt_lps is not None
-        prompt, k = seq.req.prompt, seq.req.logprobs or 0
-        logits = self._ctx.logits(self._batch.n_outputs, self.model.n_vocab)
-        n = min(n, len(prompt) - 1 - start)  # the last prompt token predicts no prompt token
-        for block in range(0, n, 64):  # bounded temporaries (rows x vocab floats)
-            rows = log_softmax(logits[first_row + block : first_row + min(block + 64, n)])
-            for i, row in enumerate(rows):
-                token = prompt[start + block + i + 1]
-                seq.prompt_lps.append(self._token_logprob(token, row, k))
-
-    def _sample(self, sampled: list[tuple[_Seq, int]]) -> list[int]:
-        """One token per sequence. Plain greedy rows are an argmax over the step's logits in
-        one numpy call; the rest run their llama.cpp sampler chain."""
-        assert self._ctx is not None and self.model is not None and self._batch is not None
-        t0 = time.perf_counter()
-        tokens = [0] * len(sampled)
-        scored = [k for k, (seq, _row) in enumerate(sampled) if seq.req.logprobs is not None]
-        if scored:  # before any sampler touches the logits: these are the model's own
-            logits = self._ctx.logits(self._batch.n_outputs, self.model.n_vocab)
-            rows_lp = log_softmax(logits[[sampled[k][1] for k in scored]])
-            row_lps = dict(zip(scored, rows_lp))
-        greedy = [k for k, (seq, _row) in enumerate(sampled) if seq.sampler is None]
-        if greedy:
-            logits = self._ctx.logits(self._batch.n_outputs, self.model.n_vocab)
-            row_ids = [sampled[k][1] for k in greedy]
-            first = row_ids[0]
-            if row_ids == list(range(first, first + len(row_ids))):
-                rows = logits[first : first + len(row_ids)]  # a view: no copy of the logits
-            else:
-                rows = logits[row_ids]
-            masked = [i for i, k in enumerate(greedy) if sampled[k][0].req.ignore_eos]
-            if masked:  # the logits are ours until the next decode: mask end-of-generation in place
-                rows[np.ix_(masked, self._eog_ids)] = -np.inf
-            for k, token in zip(greedy, rows.argmax(axis=1).tolist()):
-                tokens[k] = token
-        for k, (seq, row) in enumerate(sampled):
-            if seq.sampler is not None:
-                tokens[k] = seq.sampler.sample(self._ctx, row)
-        for k in scored:
-            seq, token = sampled[k][0], tokens[k]
-            if not self.model.is_eog(token) or seq.req.ignore_eos:
-                seq.lps.append(self._token_logprob(token, row_lps[k], seq.req.logprobs or 0))
-        self._timing.sample_s += time.perf_counter() - t0
-        return tokens
-
-    def _token_logprob(self, token: int, row: np.ndarray, k: int) -> TokenLogprob:
-        assert self.model is not None
-        piece = self.model.token_piece
-        top = tuple((t, piece(t), lp) for t, lp in top_tokens(row, k))
-        return TokenLogprob(token, piece(token), float(row[token]), top)
-
-    def _postprocess(self, sampled: list[tuple[_Seq, int]]) -> list[_TextWork]:
-        """Sample the step's tokens and settle which sequences go on: a sequence that stops
-        (end of generation, max_tokens) leaves the running set here, so the next step is
-        planned without it. Its text, and the checks that need text (stop strings), are the
-        returned work for `_text`."""
-        assert self._ctx is not None and self.model is not None
-        model = self.model
-        try:
-            tokens = self._sample(sampled)
-        except Exception as exc:
-            log.exception("sampling failed")
-            for seq, _row in sampled:
-                if not seq.is_finished:
-                    self._fail(seq, EngineFailure(f"sampling failed: {exc}"))
-            return []
-        now = time.perf_counter()
-        work: list[_TextWork] = []
-        for (seq, _row), token in zip(sampled, tokens):
-            if seq.is_finished:  # a stop string ended it while this step decoded (overlap_text)
-                continue
-            if seq.t_first_token is None:
-                seq.t_first_token = now
-            seq.n_sampled += 1
-            if seq.req.max_tokens == 0:  # only the prompt was wanted (its logprobs, echo)
-                seq.lps.clear()
-                work.append((seq, None, FinishReason.LENGTH))
-            elif model.is_eog(token) and not seq.req.ignore_eos:
-                work.append((seq, None, FinishReason.STOP))
-            else:
-                seq.n_generated += 1
-                if seq.n_generated < seq.req.max_tokens:
-                    seq.pending = token
-                    work.append((seq, token, None))
-                    continue
-                work.append((seq, token, FinishReason.LENGTH))
-            self._finish(seq)
-        return work
-
-    def _text(self, work: list[_TextWork]) -> None:
-        """Each sampled token's text: detokenize, match stop strings, emit Deltas."""
-        assert self.model is not None
-        piece = self.model.token_piece
-        for seq, token, reason in work:
-            if seq.is_closed:
-                continue
-            try:
-                assert seq.stops is not None
-                if token is None:
-                    assert reason is not None
-                    self._complete(seq, "", 0, reason)
-                    continue
-                text, is_stopped = seq.stops.push(seq.detok.push(piece(token)))
-                if is_stopped:
-                    self._complete(seq, text, 1, FinishReason.STOP, flush=False)
-                elif reason is not None:
-                    self._complete(seq, text, 1, reason)
-                elif text or seq.lps:
-                    self._emit(seq, self._delta(seq, text, 1))
-            except Exception as exc:
-                log.exception("request %s failed after sampling", seq.req.id)
-                self._fail(seq, EngineFailure(f"generation failed: {exc}"))
-
-    def _complete(
-        self, seq: _Seq, text: str, n_tokens: int, reason: FinishReason, *, flush: bool = True
-    ) -> None:
-        assert seq.stops is not None
-        if flush:
-            tail, is_stopped = seq.stops.push(seq.detok.flush())
-            text += tail
-            if is_stopped:
-                reason = FinishReason.STOP
-            else:
-                text += seq.stops.flush()
-        usage = Usage(len(seq.req.prompt), seq.n_generated, seq.n_cached)
-        assert seq.t_first_token is not None  # a request completes only after a sample
-        timings = Timings(
-            submitted=seq.t_submitted,
-            admitted=seq.t_admitted,
-            first_token=seq.t_first_token,
-            finished=time.perf_counter(),
-            n_sampled=seq.n_sampled,
-            slot=None if seq.slot is None else seq.slot.id,
-        )
-        self._emit(seq, self._delta(seq, text, n_tokens, reason, usage, timings))
-        self._finish(seq)
-
-    def _delta(
-        self,
-        seq: _Seq,
-        text: str,
-        n_tokens: int,
-        reason: FinishReason | None = None,
-        usage: Usage | None = None,
-        timings: Timings | None = None,
-    ) -> Delta:
-        """A Delta carrying the logprobs gathered since the last one (and, the first time, the
-        prompt's)."""
-        lps: tuple[TokenLogprob, ...] = ()
-        if seq.lps:
-            lps, seq.lps = tuple(seq.lps), []
-        prompt_lps = None
-        if seq.prompt_lps is not None:
-            prompt_lps, seq.prompt_lps = tuple(seq.prompt_lps), None
-        return Delta(text, n_tokens, reason, usage, timings, lps, prompt_lps)
-
-    def _fail(self, seq: _Seq, error: CriaError) -> None:
-        if seq.is_closed:
-            return
-        self._emit(seq, error)
-        seq.is_closed = True
-        self._finish(seq)
 
     def _finish(self, seq: _Seq) -> None:
         """Free the request's slot (its cache stays for prefix reuse) and sampler."""
@@ -809,26 +447,4 @@ class Engine(EngineBase):
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None
-
-    def _emit(self, seq: _Seq, item: Delta | CriaError) -> None:
-        self._outbox.setdefault(seq.loop, []).append((seq.stream, item))
-
-    def _flush(self) -> None:
-        """Hand this step's output to the event loop(s): one wake-up per loop per step."""
-        outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-
-# One sampled token's text work: the sequence, the token (None: nothing to print, only the
-# ending) and, when the sampling step already knows it ends there, why.
-_TextWork = tuple[_Seq, int | None, FinishReason | None]
-
-
-def _deliver(items: list[tuple[RequestStream, Delta | CriaError]]) -> None:
-    for stream, item in items:
-        stream.put(item)
 

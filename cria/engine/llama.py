@@ -12,12 +12,15 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from cria.engine._bindings import llama_cpp
+from cria.engine.batch import Batch
+from cria.engine.lora import AdapterLoadError, AdapterSwitch, LoraAdapter
 from cria.engine.sampling import SamplerStep
+from cria.engine.types import AdapterFile
 
 log = logging.getLogger("cria.llama")
 
@@ -74,12 +77,35 @@ class LlamaError(RuntimeError):
     pass
 
 
+class ExternalTokenizer(Protocol):
+    """A tokenizer that stands in for the GGUF's own (-v/-r; cria.models.tokenizer): its ids
+    are the model's, checked to fit its vocabulary before loading."""
+
+    n_vocab: int
+    bos: int | None
+    add_bos: bool
+    eog_ids: frozenset[int]
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    def token_piece(self, token: int) -> bytes: ...
+
+
 class LlamaModel:
     def __init__(
-        self, path: Path, *, n_gpu_layers: int, use_mmap: bool, vocab_only: bool = False
+        self,
+        path: Path,
+        *,
+        n_gpu_layers: int,
+        use_mmap: bool,
+        vocab_only: bool = False,
+        tokenizer: ExternalTokenizer | None = None,
+        adapters: Sequence[AdapterFile] = (),
     ) -> None:
         """`vocab_only`: metadata and vocabulary, no weights (tokenizing beside an engine that
-        runs in another process)."""
+        runs in another process). `tokenizer`: tokenize, detokenize and tell end-of-generation
+        tokens with it instead of the GGUF's vocabulary. `adapters`: LoRA adapters to load (not
+        with `vocab_only`), each selected per request by its name."""
         init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
@@ -103,6 +129,17 @@ class LlamaModel:
         self.bos: int | None = bos if 0 <= bos < self.n_vocab else None
         self._pieces: dict[int, bytes] = {}
         self._eog = [bool(llama_cpp.llama_vocab_is_eog(self._vocab, t)) for t in range(self.n_vocab)]
+        self._tokenizer = tokenizer
+        self.adapters: list[LoraAdapter] = []
+        if not vocab_only:
+            try:
+                self.adapters = [LoraAdapter(model, a) for a in adapters]
+            except AdapterLoadError as exc:
+                llama_cpp.llama_model_free(model)
+                raise LlamaError(str(exc)) from None
+        if tokenizer is not None:
+            self.add_bos, self.bos = tokenizer.add_bos, tokenizer.bos
+            self._eog = [t in tokenizer.eog_ids for t in range(self.n_vocab)]
         self.n_embd_out = int(llama_cpp.llama_model_n_embd_out(model))
         self.architecture = self.meta("general.architecture") or ""
 
@@ -156,6 +193,8 @@ class LlamaModel:
         return self._eog[token]
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        if self._tokenizer is not None:
+            return self._tokenizer.tokenize(text, add_special=add_special, parse_special=parse_special)
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (llama_cpp.llama_token * n_max)()
@@ -173,6 +212,8 @@ class LlamaModel:
     def token_piece(self, token: int) -> bytes:
         """The bytes of one token (special tokens render as empty)."""
         piece = self._pieces.get(token)
+        if piece is None and self._tokenizer is not None:
+            piece = self._pieces[token] = self._tokenizer.token_piece(token)
         if piece is None:
             buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
@@ -199,92 +240,6 @@ class Pooling(enum.Enum):
     MEAN = llama_cpp.LLAMA_POOLING_TYPE_MEAN
     CLS = llama_cpp.LLAMA_POOLING_TYPE_CLS
     LAST = llama_cpp.LLAMA_POOLING_TYPE_LAST
-
-
-class Batch:
-    """A reusable llama_batch of at most `capacity` tokens, one sequence id per token.
-
-    Its arrays are numpy buffers owned here (not llama_batch_init's), so a prompt chunk or all
-    of a step's decode tokens are written with one slice assignment instead of one ctypes call
-    per field per token.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._token = np.zeros(capacity, dtype=np.int32)
-        self._pos = np.zeros(capacity, dtype=np.int32)
-        self._n_seq_id = np.ones(capacity, dtype=np.int32)
-        self._seq = np.zeros(capacity, dtype=np.int32)
-        self._logits = np.zeros(capacity, dtype=np.int8)
-        seq_base = self._seq.ctypes.data
-        seq_ptr_t = ctypes.POINTER(llama_cpp.llama_seq_id)
-        self._seq_ptrs = (seq_ptr_t * capacity)(
-            *(ctypes.cast(seq_base + 4 * i, seq_ptr_t) for i in range(capacity))
-        )
-        b: Any = llama_cpp.llama_batch()
-        b.n_tokens = 0
-        b.token = self._token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        b.embd = ctypes.POINTER(ctypes.c_float)()
-        b.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        b.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(seq_ptr_t))
-        b.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self._batch = b
-        self.n_tokens = 0
-        self.n_outputs = 0  # tokens whose logits are computed; their rows are in batch order
-
-    def clear(self) -> None:
-        self.n_tokens = 0
-        self.n_outputs = 0
-
-    def add_decodes(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int]) -> int:
-        """Append one token per sequence, all with logits. Returns the first output row."""
-        i, n = self.n_tokens, len(tokens)
-        assert i + n <= self.capacity, "batch overflow"
-        self._token[i : i + n] = tokens
-        self._pos[i : i + n] = positions
-        self._seq[i : i + n] = seqs
-        self._logits[i : i + n] = 1
-        self.n_tokens = i + n
-        row = self.n_outputs
-        self.n_outputs += n
-        return row
-
-    def add_run(
-        self, tokens: Sequence[int], start_pos: int, seq: int, *, logits: str
-    ) -> int | None:
-        """Append consecutive tokens of one sequence (a prompt chunk) with logits for none of
-        them, the last one, or all of them (a prompt whose log-probabilities are asked for).
-        Returns the output row of its first token with logits, or None."""
-        i, n = self.n_tokens, len(tokens)
-        assert i + n <= self.capacity, "batch overflow"
-        self._token[i : i + n] = tokens
-        self._pos[i : i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
-        self._seq[i : i + n] = seq
-        self._logits[i : i + n] = logits == "all"
-        self.n_tokens = i + n
-        if logits == "none":
-            return None
-        if logits == "last":
-            self._logits[i + n - 1] = 1
-        row = self.n_outputs
-        self.n_outputs += n if logits == "all" else 1
-        return row
-
-    def add_sequence(self, tokens: Sequence[int], seq: int) -> None:
-        """Append a whole sequence from position 0, every token an output (pooled embeddings
-        read all of a sequence's hidden states)."""
-        i, n = self.n_tokens, len(tokens)
-        assert i + n <= self.capacity, "batch overflow"
-        self._token[i : i + n] = tokens
-        self._pos[i : i + n] = np.arange(n, dtype=np.int32)
-        self._seq[i : i + n] = seq
-        self._logits[i : i + n] = 1
-        self.n_tokens = i + n
-        self.n_outputs += n
-
-    def close(self) -> None:
-        """Nothing to free in C: the arrays belong to this object."""
 
 
 class DecodeResult(enum.Enum):
@@ -336,6 +291,8 @@ class LlamaContext:
             raise LlamaError("llama.cpp could not create a context (out of memory?)")
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
+        self._model_adapters = model.adapters
+        self._adapter = AdapterSwitch(ctx)
         self.n_ctx_per_seq = n_ctx_per_seq
 
         self.n_outputs = 0
@@ -353,6 +310,19 @@ class LlamaContext:
         until the next decode."""
         ptr = llama_cpp.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_outputs, n_vocab))
+
+    @property
+    def adapter(self) -> str | None:
+        """The LoRA adapter the next decode runs with (None: the base model)."""
+        return self._adapter.current
+
+    @property
+    def n_adapter_switches(self) -> int:
+        return self._adapter.n_switches
+
+    def use_adapter(self, name: str | None) -> None:
+        """Decode with this LoRA adapter from now on (a no-op if it is the current one)."""
+        self._adapter.use(name, self._model_adapters)
 
     def seq_copy_prefix(self, src: int, dst: int, n_tokens: int) -> bool:
         """Make `dst` hold the first n_tokens of `src`. Across KV streams llama.cpp copies only

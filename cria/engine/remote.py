@@ -262,12 +262,10 @@ class RemoteEngine(EngineBase):
         try:
             # The vocabulary, for tokenizing here (no weights: a few MiB).
             spec = self._spec
-            self.model = LlamaModel(spec.model, n_gpu_layers=0, use_mmap=True, vocab_only=True)
+            self.model = spec.load_model(vocab_only=True)
             self.embedding_model = self.model
             if spec.embedding_model is not None:
-                self.embedding_model = LlamaModel(
-                    spec.embedding_model, n_gpu_layers=0, use_mmap=True, vocab_only=True
-                )
+                self.embedding_model = spec.load_embedding_model(vocab_only=True)
         except Exception as exc:
             log.exception("the engine reader failed")
             self._die(f"the engine reader failed: {exc!r}")

@@ -117,3 +117,45 @@ class EmbeddingPacer:
         recent_gen_s = self._gen_s / self._n_steps * self.every_n_steps
         allowed_s = recent_gen_s * self.share / (1.0 - self.share)
         return max(1, min(self.n_batch, int(allowed_s / self._s_per_token)))
+
+
+class AdapterTurns:
+    """Which LoRA adapter set the next step decodes (None: the base model).
+
+    llama.cpp applies one adapter set to a whole context, so a step decodes the sequences of
+    one set only, and the others wait. The set in turn keeps it for `quantum` steps while
+    another set has work (a switch makes llama.cpp reserve its graph again: not every step),
+    then the turn goes to the set that has waited longest. So with G sets holding slots, a
+    sequence waits at most (G - 1) * quantum steps between two of its tokens, whatever the
+    arrival order; alone, a set keeps every step.
+    """
+
+    def __init__(self, quantum: int = 4) -> None:
+        assert quantum >= 1
+        self.quantum = quantum
+        self.current: str | None = None
+        self._n_in_turn = 0  # steps the current set has run in this turn
+        self._served: dict[str | None, int] = {}  # set -> the step it last ran
+        self._step = 0
+        self.max_wait_steps = 0  # the longest a set with work waited for its turn (measured)
+
+    def choose(self, sets: Iterable[str | None]) -> str | None:
+        """The set for the next step, among `sets` (those with sequences to decode or
+        prefill, in admission order of their first sequence). Call once per step."""
+        order = list(dict.fromkeys(sets))
+        assert order, "no set has work"
+        self._step += 1
+        keep = self.current in order and (len(order) == 1 or self._n_in_turn < self.quantum)
+        if not keep:
+            # The set whose last turn is the oldest (never served: from when it first showed).
+            for s in order:
+                self._served.setdefault(s, self._step - 1)
+            others = [s for s in order if s != self.current] or order
+            chosen = min(others, key=lambda s: self._served[s])
+            self.max_wait_steps = max(self.max_wait_steps, self._step - 1 - self._served[chosen])
+            self.current, self._n_in_turn = chosen, 0
+        self._n_in_turn += 1
+        self._served[self.current] = self._step
+        for s in [s for s in self._served if s not in order]:
+            del self._served[s]  # gone idle: its wait starts afresh when it comes back
+        return self.current

@@ -1,6 +1,10 @@
 """The slot table: which slot serves which request, and what each slot's KV cache holds.
 
 Pure policy (no llama.cpp, no threads). Slot i is llama.cpp sequence i.
+
+A slot's KV cache was computed under one LoRA adapter (None: the base model): its tokens are
+reused only by a request for that same adapter, since the same tokens give other keys and
+values under another adapter.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Slot:
     id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV this slot's sequence holds
     is_busy: bool = False
+    adapter: str | None = None  # the LoRA adapter `cached` was computed under
 
 
 class SlotTable:
@@ -32,7 +37,7 @@ class SlotTable:
     def n_free(self) -> int:
         return sum(1 for s in self.slots if not s.is_busy)
 
-    def choose(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+    def choose(self, prompt: Sequence[int], adapter: str | None = None) -> tuple[int, int] | None:
         """Pick the free slot for `prompt`: the one with the longest common prefix; on a tie the
         lowest id, which keeps busy slots packed at low ids (llama.cpp batches consecutive
         sequence ids together). Returns (slot id, tokens reusable) or None when every slot is
@@ -45,7 +50,7 @@ class SlotTable:
         for slot in self.slots:
             if slot.is_busy:
                 continue
-            reuse = min(common_prefix_len(slot.cached, prompt), max(len(prompt) - 1, 0))
+            reuse = min(_shared(slot, prompt, adapter), max(len(prompt) - 1, 0))
             key = (-reuse, slot.id)
             if best is None or key < best:
                 best = key
@@ -61,14 +66,18 @@ class SlotTable:
             return None
         return min(free, key=lambda s: (len(s.cached), s.id)).id
 
-    def acquire(self, slot_id: int, n_reuse: int) -> Slot:
+    def acquire(self, slot_id: int, n_reuse: int, adapter: str | None = None) -> Slot:
         slot = self.slots[slot_id]
         assert not slot.is_busy, "slot acquired twice"
+        assert n_reuse == 0 or slot.adapter == adapter, "KV reused across adapters"
         slot.is_busy = True
+        slot.adapter = adapter
         del slot.cached[n_reuse:]
         return slot
 
-    def best_donor(self, prompt: Sequence[int], *, exclude: int) -> tuple[int, int] | None:
+    def best_donor(
+        self, prompt: Sequence[int], *, exclude: int, adapter: str | None = None
+    ) -> tuple[int, int] | None:
         """The slot (busy or free, other than `exclude`) whose cached tokens share the longest
         prefix with `prompt`, capped at len(prompt) - 1. Returns (slot id, prefix length), or
         None when no slot shares anything."""
@@ -77,17 +86,25 @@ class SlotTable:
         for slot in self.slots:
             if slot.id == exclude:
                 continue
-            n = min(common_prefix_len(slot.cached, prompt), cap)
+            n = min(_shared(slot, prompt, adapter), cap)
             if n > 0 and (best is None or n > best[1]):
                 best = (slot.id, n)
         return best
 
-    def holder(self, tokens: Sequence[int], *, exclude: int) -> int | None:
-        """A slot other than `exclude` whose cache starts with all of `tokens`, or None."""
+    def holder(
+        self, tokens: Sequence[int], *, exclude: int, adapter: str | None = None
+    ) -> int | None:
+        """A slot other than `exclude` whose cache starts with all of `tokens` (computed under
+        `adapter`), or None."""
         want = list(tokens)
         n = len(want)
         for slot in self.slots:
-            if slot.id != exclude and len(slot.cached) >= n and slot.cached[:n] == want:
+            if (
+                slot.id != exclude
+                and slot.adapter == adapter
+                and len(slot.cached) >= n
+                and slot.cached[:n] == want
+            ):
                 return slot.id
         return None
 
@@ -95,15 +112,21 @@ class SlotTable:
         """Acquire a free slot whose cache now holds the first `n_tokens` of the donor's."""
         slot = self.slots[slot_id]
         assert not slot.is_busy, "slot acquired twice"
+        donor = self.slots[donor_id]
         slot.is_busy = True
-        slot.cached[:] = self.slots[donor_id].cached[:n_tokens]
+        slot.adapter = donor.adapter
+        slot.cached[:] = donor.cached[:n_tokens]
         return slot
 
-    def acquire_tokens(self, slot_id: int, tokens: Sequence[int]) -> Slot:
-        """Acquire a free slot whose cache now holds `tokens` (restored from elsewhere)."""
+    def acquire_tokens(
+        self, slot_id: int, tokens: Sequence[int], adapter: str | None = None
+    ) -> Slot:
+        """Acquire a free slot whose cache now holds `tokens` (restored from elsewhere, computed
+        under `adapter`)."""
         slot = self.slots[slot_id]
         assert not slot.is_busy, "slot acquired twice"
         slot.is_busy = True
+        slot.adapter = adapter
         slot.cached[:] = tokens
         return slot
 
@@ -114,3 +137,8 @@ class SlotTable:
     def forget(self, slot_id: int) -> None:
         """The slot's KV cache is gone (cleared after an error): nothing to reuse."""
         self.slots[slot_id].cached.clear()
+
+
+def _shared(slot: Slot, prompt: Sequence[int], adapter: str | None) -> int:
+    """Tokens of `prompt` the slot's cache can stand in for: none under another adapter."""
+    return common_prefix_len(slot.cached, prompt) if slot.adapter == adapter else 0

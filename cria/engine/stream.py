@@ -22,6 +22,7 @@ class RequestStream:
 
     def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
         self.request_id = request_id
+        self.adapter: str | None = None  # the request's LoRA adapter (its metrics' model label)
         self._abort = abort
         self._queue: asyncio.Queue[Delta | CriaError | _Closed] = asyncio.Queue()
         self._pending: Delta | CriaError | _Closed | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class FinishReason(str, enum.Enum):
@@ -49,6 +50,15 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterFile:
+    """What the engine needs to load an adapter (picklable: it crosses to the engine process)."""
+
+    name: str  # the model id that selects it
+    path: Path  # a GGUF LoRA, checked in Python before llama.cpp reads it (models/lora.py)
+    scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One sequence to generate. `max_tokens` is already resolved against the slot's context."""
 
@@ -68,6 +78,7 @@ class GenerationRequest:
     # Requests of one group share a prompt (OpenAI's `n`): the first one admitted prefills it,
     # the others wait for that and copy its KV cache instead of computing it again.
     group: str | None = None
+    adapter: str | None = None  # the LoRA adapter to generate with (None: the base model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,3 +198,5 @@ class EngineStats:
     n_prompt_cache_entries: int = 0  # evicted prompts' KV states kept in host memory
     prompt_cache_bytes: int = 0  # ... and their size (at most --prompt-cache-mib)
     n_engine_restarts: int = 0  # times a dead engine process was started again (--engine-process)
+    n_adapter_switches: int = 0  # times the steps' LoRA adapter set changed
+    max_adapter_wait_steps: int = 0  # the most steps an adapter set with work waited for its turn

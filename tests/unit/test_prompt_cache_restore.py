@@ -57,7 +57,7 @@ def test_an_entry_that_does_not_restore_is_dropped_and_the_prompt_prefilled() ->
         # Damage the first prompt's saved state: llama.cpp refuses to load it.
         cache = engine._prompt_cache
         assert cache is not None
-        key = next(k for k in cache._entries if len(k) >= usage.prompt_tokens)
+        key = next(k for k in cache._entries if len(k[1]) >= usage.prompt_tokens)
         object.__setattr__(cache._entries[key], "state", np.zeros(16, dtype=np.uint8))
         # The entry holds more of the prompt than the slot: its restore is tried, empties the
         # slot, fails. The slot's shared start is gone with it: nothing may count as cached.

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cria.cli import NOT_YET, build_parser, load_settings, main
+from cria.cli import build_parser, load_settings, main
 from cria.errors import StartupError
 from cria.settings import Settings, default_threads, env_name, flags_of
 
@@ -26,7 +26,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "port": ("8080", 8080),
     "prefer_mmap": ("false", False),
     "context_size": ("4096", 4096),
-    "lora_adapters": ('["a.bin", "b.bin"]', [Path("a.bin"), Path("b.bin")]),
+    "lora_adapters": ('["a.gguf", "b=./b:0.5"]', ["a.gguf", "b=./b:0.5"]),
     "use_gpu": ("true", True),
     "gpu_layers": ("12", 12),
     "n_gqa": ("8", 8),
@@ -45,6 +45,8 @@ VALID: dict[str, tuple[str, Any]] = {
     "overlap_output": ("ON", "on"),
     "engine_process": ("Off", "off"),
     "engine_restarts": ("0", 0),
+    "cache_dir": ("/var/cache/cria", Path("/var/cache/cria")),
+    "service_name": ("cria-prod", "cria-prod"),
 }
 
 # The original options are a contract: their flags must not change.
@@ -126,8 +128,10 @@ def test_defaults_without_flags_or_environment() -> None:
     assert s.log_level == "info"
     assert s.log_format == "text"
     assert s.threads == default_threads()
-    for name in NOT_YET:
+    for name in ("tokenizer_path", "tokenizer_repository", "lora_adapters", "n_gqa"):
         assert getattr(s, name) is None
+    assert s.service_name == "cria"
+    assert s.cache_dir == Path.home() / ".cache" / "cria" or "XDG_CACHE_HOME" in os.environ
 
 
 def test_default_threads_is_the_usable_core_count() -> None:
@@ -175,7 +179,8 @@ def test_every_setting_is_read_from_its_flag(name: str) -> None:
         ("prefer_mmap", "false", ["-m"], True),
         ("log_level", "debug", ["--log-level", "error"], "error"),
         ("model", "/env/model.gguf", ["--model", "/cli/model.gguf"], Path("/cli/model.gguf")),
-        ("lora_adapters", '["env.bin"]', ["-l", "cli.bin"], [Path("cli.bin")]),
+        ("lora_adapters", '["env.gguf"]', ["-l", "cli.gguf"], ["cli.gguf"]),
+        ("lora_adapters", "a.gguf,b.gguf", ["-l", "c.gguf", "d=e.gguf:2"], ["c.gguf", "d=e.gguf:2"]),
         ("context_size", "1024", ["-c", "512"], 512),
     ],
 )
@@ -229,10 +234,9 @@ def test_bad_flag_and_bad_env_are_both_reported(monkeypatch: pytest.MonkeyPatch)
     assert "CRIA_PARALLEL='zero'" in message
 
 
-def test_env_list_that_is_not_json_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_list_may_be_one_plain_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRIA_LORA_ADAPTERS", "a.bin")
-    with pytest.raises(StartupError, match="CRIA_LORA_ADAPTERS='a.bin'"):
-        load_settings([])
+    assert load_settings([]).lora_adapters == ["a.bin"]
 
 
 @pytest.mark.parametrize(
@@ -299,21 +303,37 @@ def test_main_reports_a_bad_option_and_exits_2(capsys: pytest.CaptureFixture[str
     assert err.count("\n") == 1  # one line, no usage dump
 
 
-@pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize(
-    ("argv", "fragment"),
+    ("env", "expected"),
     [
-        (["-l", "a.bin"], "--lora-adapters: LoRA adapters is not supported yet"),
-        (["-v", "tok.json"], "--tokenizer-path: an external tokenizer"),
-        (["-r", "org/repo"], "--tokenizer-repository: a tokenizer repository"),
-        (["--n-gqa", "8"], "--n-gqa: --n-gqa"),
+        ("a.gguf, b=./x/b.gguf:0.5 ,", ["a.gguf", "b=./x/b.gguf:0.5"]),
+        ('["a,b.gguf", "c.gguf"]', ["a,b.gguf", "c.gguf"]),  # JSON: commas inside a path
+        ("", None),
+        ("[]", None),
     ],
 )
-def test_main_refuses_options_not_supported_yet(
-    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+def test_lora_adapters_from_the_environment(
+    env: str, expected: list[str] | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert main(argv) == 2
-    assert fragment in capsys.readouterr().err
+    monkeypatch.setenv("CRIA_LORA_ADAPTERS", env)
+    assert load_settings([]).lora_adapters == expected
+
+
+def test_lora_adapters_flag_takes_several_and_repeats() -> None:
+    assert load_settings(["-l", "a.gguf", "b.gguf", "-l", "c=d:0.5"]).lora_adapters == [
+        "a.gguf", "b.gguf", "c=d:0.5",
+    ]
+
+
+def test_a_bad_lora_json_list_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRIA_LORA_ADAPTERS", '["a.gguf"')
+    with pytest.raises(StartupError, match="CRIA_LORA_ADAPTERS"):
+        load_settings([])
+
+
+def test_an_empty_service_name_is_refused() -> None:
+    with pytest.raises(StartupError, match="--service-name"):
+        load_settings(["--service-name", " "])
 
 
 @pytest.mark.usefixtures("restore_logging")

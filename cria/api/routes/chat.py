@@ -252,7 +252,7 @@ async def create_chat_completion(request: Request) -> Response:
         req = await read_json(request, protocol.ChatCompletionRequest, max_bytes=state.settings.max_body_bytes)
     except ClientGone:
         return Response(status_code=499)
-    state.check_model(req.model)
+    adapter = state.check_model(req.model)
     ignored = strict.check(req, lenient=state.settings.lenient, more=_tool_extras(req))
     _check_combinations(req)
     n_logprobs = _logprobs_count(req)
@@ -282,6 +282,7 @@ async def create_chat_completion(request: Request) -> Response:
             ignore_eos=bool(req.ignore_eos),
             logprobs=n_logprobs,
             group=group,
+            adapter=adapter,
         )
         for j in range(n)
     ]

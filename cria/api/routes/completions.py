@@ -99,7 +99,7 @@ async def create_completion(request: Request) -> Response:
         req = await read_json(request, protocol.CompletionRequest, max_bytes=state.settings.max_body_bytes)
     except ClientGone:
         return Response(status_code=499)
-    state.check_model(req.model)
+    adapter = state.check_model(req.model)
     ignored = strict.check(req, lenient=state.settings.lenient)
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
@@ -156,6 +156,7 @@ async def create_completion(request: Request) -> Response:
                     logprobs=n_logprobs,
                     prompt_logprobs=prompt_logprobs,
                     group=group,
+                    adapter=adapter,
                 )
             )
     # The prompt as the client sent it (without fill-in-the-middle tokens and suffix).

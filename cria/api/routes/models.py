@@ -31,6 +31,11 @@ async def get_model(request: Request, model_id: str) -> JSONResponse:
 
 def _cards(state: AppState) -> list[dict[str, Any]]:
     cards = [protocol.model_card(state.spec.id, state.created)]
+    # Adapters as vLLM lists them: their own ids, with the base model as parent.
+    for adapter in state.spec.adapters:
+        card = protocol.model_card(adapter.name, state.created)
+        card.update(parent=state.spec.id, root=str(adapter.path))
+        cards.append(card)
     if state.embedding_spec is not None:
         cards.append(protocol.model_card(state.embedding_spec.id, state.embedding_created))
     return cards
