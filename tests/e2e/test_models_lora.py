@@ -156,3 +156,22 @@ def test_a_malformed_adapter_stops_start_up_with_one_line_naming_it(tmp_path: Pa
 
     bad = make_malformed(bundled_model_path(), tmp_path / f"bad-{kind}.gguf", kind)
     assert_one_line_error(run_cria("-l", f"broken={bad}", "--cache-dir", str(tmp_path)), "broken")
+
+
+def test_adapters_and_a_tokenizer_work_in_the_engine_process(lora_server: Server, tmp_path: Path) -> None:
+    """--engine-process on: the child process loads the adapters and the external tokenizer
+    (WorkerSpec.load_model) and gives what the in-process engine gives."""
+    from tests.hf_tokenizer import write_tokenizer_folder
+
+    base = bundled_model_path()
+    gguf = make_gguf_adapter(base, tmp_path / "sea-lora.gguf", seed=1, strength=0.3)
+    tokenizer = write_tokenizer_folder(base, tmp_path / "tok", with_config=False)
+    srv = start_server(
+        tmp_path, "--parallel", "2", "--engine-process", "on", "-l", str(gguf),
+        "-v", str(tokenizer), "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    try:
+        for model in (MODEL_ID, "sea-lora"):
+            assert _text(srv, model, PROMPTS[0]) == _text(lora_server, model, PROMPTS[0])
+    finally:
+        stop_server(srv)

@@ -372,7 +372,7 @@ def test_the_pre_tokenizer_is_found_without_the_tokenizers_library(
     hf_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert read_hf_vocab(hf_folder / "tokenizer.json").pre == "smollm"  # by chkhsh
-    monkeypatch.setattr("cria.models.ggml_vocab._chkhsh", lambda _path: None)
+    monkeypatch.setattr("cria.models.ggml_pre._chkhsh", lambda _path: None)
     assert read_hf_vocab(hf_folder).pre == "smollm"  # by the pre_tokenizer's structure
 
 
