@@ -73,9 +73,11 @@ class Admission:
             choice = self.slots.choose(seq.req.prompt, adapter)
             assert choice is not None
             slot_id, n_reuse = choice
-            self._save_evicted(ctx, slot_id, n_reuse)
             donor = self.slots.best_donor(seq.req.prompt, exclude=slot_id, adapter=adapter)
+            # Looked up (and made the most recently used) before the slot's own cache is saved:
+            # that save may push the cache over its budget, and must not evict this entry.
             saved = self.prompt_cache.best(seq.req.prompt, adapter) if self.prompt_cache else None
+            self._save_evicted(ctx, slot_id, n_reuse)
             n_donor = donor[1] if donor is not None else 0
             if saved is not None and saved[1] > max(n_reuse, n_donor) and ctx.seq_rm(slot_id, 0):
                 # The prompt came back after leaving every slot: restore its KV from host memory.

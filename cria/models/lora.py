@@ -33,7 +33,8 @@ from cria.models.lora_base import FLAG, BaseModel, read_base, scan_gguf
 
 log = logging.getLogger("cria.lora")
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+# A model id: also a URL path segment (/v1/models/NAME), so not "." or ".." or dots alone.
+_NAME_RE = re.compile(r"(?!\.+$)[A-Za-z0-9._-]+")
 # A decimal number only: float() would also take "inf", "nan" and "1_0", which are path text.
 _SCALE_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
@@ -94,7 +95,9 @@ def parse_adapter_entry(text: str) -> AdapterEntry:
     scale = 1.0
     if not Path(rest).expanduser().exists():
         head, sep, tail = rest.rpartition(":")
-        if sep and _SCALE_RE.fullmatch(tail) and math.isfinite(float(tail)):
+        if sep and _SCALE_RE.fullmatch(tail):
+            if not math.isfinite(float(tail)):
+                _entry_error(text, f"the scale {tail} is not a finite number")
             rest, scale = head, float(tail)
     if not rest:
         _entry_error(text, "no adapter path")
@@ -108,7 +111,7 @@ def parse_adapter_entry(text: str) -> AdapterEntry:
                 f"the default name {name!r} may hold only A-Z a-z 0-9 . _ -: give one as NAME=PATH",
             )
     elif not _NAME_RE.fullmatch(name):
-        _entry_error(text, f"invalid adapter name {name!r}: use only A-Z a-z 0-9 . _ -")
+        _entry_error(text, f"invalid adapter name {name!r}: use only A-Z a-z 0-9 . _ - (not dots alone)")
     return AdapterEntry(name=name, path=path, scale=scale)
 
 

@@ -103,3 +103,29 @@ def read_base(base: Path) -> BaseModel:
     except OSError as exc:
         raise StartupError(f"{FLAG}: cannot read the base model {base}: {exc}") from None
     return _read_base_cached(base.resolve(), st.st_size, st.st_mtime_ns)
+
+
+def missing_data(path: Path) -> str | None:
+    """What is wrong if the file ends before its tensors' data does (a truncated download or
+    copy: llama.cpp would fail only once the engine loads it), else None. Tensors of a type this
+    gguf package does not size are left out of the check."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        _meta, tensors, data_start = scan_gguf(path)
+        size = path.stat().st_size
+    except (GGUFError, OSError) as exc:
+        return f"cannot read its tensor table: {exc}"
+    end = 0
+    for info in tensors.values():
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.type)]
+        except (ValueError, KeyError):
+            continue
+        n = 1
+        for d in info.ne:
+            n *= d
+        end = max(end, data_start + info.offset + n // block * type_size)
+    if end > size:
+        return f"truncated: its tensors need {end} bytes and the file has {size}"
+    return None

@@ -44,6 +44,7 @@ def convert_legacy(settings: Settings, path: Path, fmt: str) -> tuple[Path, Any]
     tokenizer, if any, is written into the GGUF, so nothing stands in for it at run time."""
     from cria.models.ggml import convert_ggml
     from cria.models.ggml_vocab import read_hf_vocab
+    from cria.models.lora_base import missing_data
 
     if settings.model_architecture != "llama":
         raise StartupError(
@@ -57,16 +58,24 @@ def convert_legacy(settings: Settings, path: Path, fmt: str) -> tuple[Path, Any]
         hf_config = _read_json(source.config_json, "config.json")
         tok_config = _read_json(source.tokenizer_config, "tokenizer_config.json") or {}
         template = _template_of(tok_config)
-    log.info("--model %s is a GGML file (%s): converting it to GGUF in %s", path, fmt, settings.cache_dir)
-    gguf = convert_ggml(
-        path,
-        settings.cache_dir,
-        n_gqa=settings.n_gqa,
-        hf_config=hf_config,
-        vocab=vocab,
-        chat_template=template,
-        architecture="llama",
-    )
+    log.info("--model %s is a GGML file (%s): served as GGUF from %s", path, fmt, settings.cache_dir)
+    for attempt in range(2):
+        gguf = convert_ggml(
+            path,
+            settings.cache_dir,
+            n_gqa=settings.n_gqa,
+            hf_config=hf_config,
+            vocab=vocab,
+            chat_template=template,
+            architecture="llama",
+        )
+        problem = missing_data(gguf)
+        if problem is None:
+            break
+        # A converted file damaged since (a full disk, a truncating copy): convert again.
+        log.warning("%s: %s; converting %s again", gguf, problem, path.name)
+        if attempt == 0:
+            gguf.unlink(missing_ok=True)
     return gguf, None
 
 

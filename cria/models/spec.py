@@ -86,9 +86,15 @@ def _check_gguf(
     if not is_gguf(path):
         raise StartupError(f"{flag} {path}: not a GGUF file (nor a GGML .bin this server converts)")
     try:
-        return read_metadata(path, keep_arrays=keep_arrays)
+        meta = read_metadata(path, keep_arrays=keep_arrays)
     except (GGUFError, OSError) as exc:
         raise StartupError(f"{flag} {path}: cannot read GGUF metadata: {exc}") from None
+    from cria.models.lora_base import missing_data
+
+    problem = missing_data(path)
+    if problem is not None:  # else the server would come up with an engine that never loads
+        raise StartupError(f"{flag} {path}: {problem}")
+    return meta
 
 
 def resolve_embedding_model(settings: Settings, chat: ModelSpec) -> EmbeddingSpec | None:
@@ -150,7 +156,8 @@ def resolve_model(settings: Settings) -> ModelSpec:
         from cria.models.tokenizer import ExternalTokenizer, check_compatible
 
         tok = ExternalTokenizer(tokenizer)
-        check_compatible(tok, len(tokens) if isinstance(tokens, list) else 0, tokenizer.origin)
+        model_tokens = [str(t) for t in tokens] if isinstance(tokens, list) else []
+        check_compatible(tok, len(model_tokens), tokenizer.origin, model_tokens)
         if tok.chat_template:
             template = tok.chat_template
         bos_text, eos_text = tok.bos_text or bos_text, tok.eos_text or eos_text

@@ -11,6 +11,7 @@ tokenize on the event loop while the engine thread detokenizes.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from cria.models.tokenizer_source import (
     hub_offline,
     resolve_tokenizer,
 )
+
+log = logging.getLogger("cria.models")
 
 __all__ = [
     "ExternalTokenizer",
@@ -364,11 +367,33 @@ class ExternalTokenizer:
         return [self._tok.token_to_id(t) for t in texts]
 
 
-def check_compatible(tok: ExternalTokenizer, n_vocab_model: int, origin: str) -> None:
-    """The tokenizer's ids must all be rows of the model's embedding: a vocabulary larger than
-    the model's would let it emit ids the model cannot embed."""
+# The share of the model's token texts a replacement tokenizer must spell the same, id by id.
+MIN_AGREEMENT = 0.9
+
+
+def check_compatible(
+    tok: ExternalTokenizer, n_vocab_model: int, origin: str, model_tokens: Sequence[str] = ()
+) -> None:
+    """The tokenizer must be the model's own vocabulary (with other rules, a fixed template...):
+    a larger one would let the model emit ids it cannot embed, and one whose ids spell other
+    texts than the GGUF's (`model_tokens`) makes the model read nonsense. A smaller one is
+    allowed with a warning: the ids it lacks decode to nothing."""
     if tok.n_vocab > n_vocab_model:
         raise StartupError(
             f"{origin}: the tokenizer has {tok.n_vocab} tokens but the model's vocabulary has "
             f"{n_vocab_model}: they do not belong together"
+        )
+    if model_tokens:
+        n = min(len(model_tokens), tok.n_vocab)
+        compared = [i for i in range(n) if i not in tok.special_ids]
+        same = sum(1 for i in compared if tok.token_text(i) == model_tokens[i])
+        if compared and same < MIN_AGREEMENT * len(compared):
+            raise StartupError(
+                f"{origin}: this tokenizer does not match the model's vocabulary (only {same} of "
+                f"{len(compared)} token texts agree, id by id): it belongs to another model"
+            )
+    if tok.n_vocab < n_vocab_model:
+        log.warning(
+            "%s: the tokenizer has %d tokens, the model %d: the %d ids beyond it decode to "
+            "nothing", origin, tok.n_vocab, n_vocab_model, n_vocab_model - tok.n_vocab,
         )

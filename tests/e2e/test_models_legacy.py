@@ -233,3 +233,45 @@ def test_the_service_name_names_the_exported_spans(tmp_path: Path) -> None:
         receiver.close()
     assert spans
     assert {s["localEndpoint"]["serviceName"] for s in spans} == {"cria-test"}, json.dumps(spans)[:500]
+
+
+def _shuffled_tokenizer(folder: Path, out: Path) -> Path:
+    """The same tokenizer with its ordinary ids reversed: the right size, another vocabulary."""
+    import shutil
+
+    shutil.copytree(folder, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    special = {t["id"] for t in spec.get("added_tokens", [])}
+    ids = sorted(i for i in vocab.values() if i not in special)
+    flip = dict(zip(ids, reversed(ids)))
+    spec["model"]["vocab"] = {text: flip.get(i, i) for text, i in vocab.items()}
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+def test_a_tokenizer_of_another_vocabulary_is_refused(files: dict[str, Path]) -> None:
+    other = _shuffled_tokenizer(files["tokenizer"], files["tmp"] / "tokenizer-shuffled")
+    result = run_cria("-v", str(other))
+    assert_one_line_error(result, "does not match the model's vocabulary")
+
+
+def test_a_truncated_gguf_stops_start_up(files: dict[str, Path]) -> None:
+    cut = files["tmp"] / "cut.gguf"
+    cut.write_bytes(bundled_model_path().read_bytes()[:50_000_000])
+    assert_one_line_error(run_cria("--model", str(cut)), "truncated")
+
+
+def test_a_damaged_cached_conversion_is_converted_again(files: dict[str, Path], bin_server: Server) -> None:
+    [converted] = list(files["cache"].rglob("*.gguf"))
+    data = converted.read_bytes()
+    converted.write_bytes(data[: len(data) // 2])  # as a full disk or a cut copy would leave it
+    srv = start_server(
+        files["tmp"], "--parallel", "1", "--model", str(files["bin"]), "-v", str(files["tokenizer"]),
+        "--cache-dir", str(files["cache"]),
+    )  # fmt: skip
+    try:
+        assert _complete(srv, BIN_NAME, PROMPTS[0], 4)["choices"]
+    finally:
+        stop_server(srv)
+    assert converted.stat().st_size == len(data)

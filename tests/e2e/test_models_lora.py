@@ -175,3 +175,25 @@ def test_adapters_and_a_tokenizer_work_in_the_engine_process(lora_server: Server
             assert _text(srv, model, PROMPTS[0]) == _text(lora_server, model, PROMPTS[0])
     finally:
         stop_server(srv)
+
+
+def test_a_small_prompt_cache_keeps_each_adapters_prompt(tmp_path: Path) -> None:
+    """One slot, three models taking turns on one prompt, a prompt cache that holds two of
+    their KV states: the entry a request restores is looked up before the slot it takes is
+    saved, so that save cannot evict it."""
+    base = bundled_model_path()
+    a1 = make_gguf_adapter(base, tmp_path / "a1.gguf", seed=1, strength=0.3)
+    a2 = make_gguf_adapter(base, tmp_path / "a2.gguf", seed=2, strength=0.3)
+    srv = start_server(
+        tmp_path, "--parallel", "1", "-c", "512", "--prompt-cache-mib", "2", "-l", str(a1), str(a2),
+    )  # fmt: skip
+    prompt = "The lighthouse keeper counted the ships that passed his rock every night. " * 3
+    try:
+        order = [MODEL_ID, "a1", "a2"] * 3
+        cached = [_cached(srv, model, prompt) for model in order]
+    finally:
+        stop_server(srv)
+    assert cached[:3] == [0, 0, 0]
+    # With room for two states and three taking turns, every other one can come back; with the
+    # save first (the old order), each save evicted the very entry the request was after: none.
+    assert sum(n > 0 for n in cached[3:]) >= 3, cached
