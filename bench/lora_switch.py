@@ -203,10 +203,38 @@ def make_server(
     if name == "cria":
         srv.argv += ["-l", *(f"{n}={p}" for n, p in adapters.items())]
     else:
-        for p in adapters.values():
-            srv.argv += ["--lora", str(p)]
+        # One --lora with the paths comma-separated: given twice, only the last one counts.
+        srv.argv += ["--lora", ",".join(str(p) for p in adapters.values())]
         srv.argv += ["--lora-init-without-apply", "-cb"]
     return srv
+
+
+def check_adapters(
+    srv: compare.Server, name: str, base_id: str, adapters: dict[str, Path]
+) -> dict[str, str]:
+    """Warm-up, one request at a time (first-use costs out of the way), that also checks that
+    each model id really runs its own weights: greedy texts of base, a and b must all differ."""
+    if name == "llama-server":
+        listed = httpx.get(f"http://127.0.0.1:{srv.port}/lora-adapters", timeout=10).json()
+        paths = [Path(x["path"]).name for x in sorted(listed, key=lambda x: x["id"])]
+        if paths != [p.name for p in adapters.values()]:
+            raise RuntimeError(f"llama-server loaded adapters {paths}, not {list(adapters)}")
+    texts: dict[str, str] = {}
+    for adapter in (None, "a", "b"):
+        a = stream_args(srv, name, base_id, adapter, 16)
+        body = {
+            "model": a.model, "prompt": loadgen.PROMPTS[0], "max_tokens": 16,
+            "temperature": 0, **(a.extra_body or {}),
+        }  # fmt: skip
+        r = httpx.post(srv.base_url + "/completions", json=body, timeout=300)
+        if r.status_code != 200:
+            raise RuntimeError(
+                f"warm-up ({adapter or 'base'}): HTTP {r.status_code} {r.text[:200]}"
+            )
+        texts[adapter or "base"] = r.json()["choices"][0]["text"]
+    if len(set(texts.values())) != len(texts):
+        raise RuntimeError(f"base/a/b outputs are not all different: {texts}")
+    return texts
 
 
 def bench_server(
@@ -223,10 +251,7 @@ def bench_server(
             if name == "cria"
             else srv.model_id()
         )
-        for adapter in (None, "a", "b"):  # warm-up, one at a time: first-use costs
-            rows, _ = asyncio.run(run_streams(srv, name, base_id, [(0, adapter)], 8, 10**6))
-            if rows[0]["error"]:
-                raise RuntimeError(f"warm-up ({adapter or 'base'}) failed: {rows[0]['error']}")
+        rec["warmup_texts"] = check_adapters(srv, name, base_id, adapters)
         for i, sc in enumerate(SCENARIOS):
             nonce = 1000 * rnd + 100 * i
             before = engine_stats(srv) if name == "cria" else None

@@ -702,3 +702,13 @@ def test_the_default_synthetic_adapter_changes_greedy_output(
     assert greedy != base_greedy and np.abs(logits - base_logits).max() > 1.0
     # and its strength is sane: a changed distribution, not noise from overflow
     assert math.isfinite(float(np.abs(logits).max())) and np.abs(logits).max() < 1e3
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("..=/x.gguf", "not dots alone"), (".=/x.gguf", "not dots alone"), ("/x.gguf:1e400", "not a finite number")],
+)
+def test_names_of_dots_and_infinite_scales_are_refused(text: str, fragment: str) -> None:
+    """A name is a URL path segment too (/v1/models/NAME): '..' would never reach its route."""
+    with pytest.raises(StartupError, match=fragment):
+        parse_adapter_entry(text)
