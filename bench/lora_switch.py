@@ -16,8 +16,10 @@ It reports aggregate completion tok/s (medians over rounds), two/one (the cost o
 two/one4, Cria/llama-server, per-set fairness (per-stream decode tok/s min/max, TTFT, the
 largest gap between two tokens of a stream), Cria's /health engine counters per scenario
 (adapter switches, steps, mean step time, max_adapter_wait_steps), and an engine-level check
-of the switch alone: the same 4-sequence decode steps on one adapter, and alternating between
-two every ADAPTER_QUANTUM steps or every step (llama_decode timed directly, no HTTP).
+of the switch alone (bench/lora_switch_micro.py: llama_decode timed directly, no HTTP; the same
+4-sequence steps on one adapter and alternating every ADAPTER_QUANTUM steps or every step, the
+sets' sequences in contiguous or interleaved slots). The warm-up checks that base, a and b give
+three different greedy texts on each server (llama-server lists the adapters it loaded).
 
     .venv/bin/python bench/lora_switch.py [--rounds 3] [--max-tokens 64] \
         [--out bench/results/lora-switch.json]
@@ -50,11 +52,10 @@ SERVERS = ("cria", "llama-server")
 SCENARIOS = ("base", "one", "one4", "two")
 GROUP_A = (0, 3, 4, 7)  # prompts of the a-streams (370 prompt tokens; the b-streams' 355)
 GROUP_B = (1, 2, 5, 6)
-ADAPTER_IDS = {"a": 0, "b": 1}  # llama-server's ids: the order of its --lora flags
+ADAPTER_IDS = {"a": 0, "b": 1}  # llama-server's ids: the order of the paths in --lora
 
 
-def log(msg: str) -> None:
-    compare.log(msg)
+log = compare.log
 
 
 def plan(scenario: str) -> list[tuple[int, str | None]]:
