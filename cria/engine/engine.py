@@ -77,7 +77,7 @@ class Engine(EngineBase):
         # Engine-thread state:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # in admission order
-        self._slots = SlotTable(config.n_slots)
+        self._slots = SlotTable(config.n_slots, config.adapters)
         self._prompt_cache: PromptCache[np.ndarray] | None = (
             PromptCache(config.prompt_cache_bytes) if config.prompt_cache_bytes else None
         )

@@ -124,3 +124,34 @@ def test_turns_serve_every_set_in_a_random_run() -> None:
         counts[turns.choose(sets)] += 1
     assert min(counts.values()) > 600, counts
     assert list(itertools.islice(counts, 3)) == ["x", "y", None]
+
+
+def test_each_adapters_requests_gather_in_its_own_run_of_slots() -> None:
+    """Requests of two adapters arriving interleaved: without homes they would take slots
+    0..7 alternately (a on 0,2,4,6): four ubatches a step. With homes, each set's slots are
+    consecutive: a from one end, b from the other."""
+    table = SlotTable(8, adapters=("a", "b"))
+    for i in range(8):
+        adapter = "ab"[i % 2]
+        choice = table.choose([1, 2, 3], adapter)
+        assert choice is not None
+        table.acquire(choice[0], 0, adapter)
+    by_set = {s: [slot.id for slot in table.slots if slot.adapter == s] for s in "ab"}
+    for ids in by_set.values():
+        assert len(ids) == 4 and ids == list(range(ids[0], ids[0] + 4)), by_set
+
+
+def test_without_adapters_the_lowest_free_slot_is_chosen() -> None:
+    table = SlotTable(4)
+    assert table.choose([1, 2], None) == (0, 0)
+    table.acquire(0, 0)
+    assert table.choose([1, 2], None) == (1, 0)
+
+
+def test_a_cached_prefix_still_beats_the_placement() -> None:
+    table = SlotTable(8, adapters=("a",))
+    table.acquire(0, 0, adapter="a").cached.extend(range(10))
+    table.release(0)
+    table.acquire(7, 0, adapter=None)
+    assert table.choose(list(range(12)), "a") == (0, 10)  # not beside a's own, but cached
+    assert table.choose([5, 6], "a") == (0, 0)  # nothing cached: farthest from the base (7)
