@@ -112,12 +112,13 @@ def test_use_gpu_without_gpu_build_warns_once_and_serves(small_server: Server) -
 
 
 def test_model_that_fails_to_load_gives_503(tmp_path: Path) -> None:
-    """A GGUF whose header is intact but whose tensors are cut off passes the start-up checks,
-    then fails to load on the engine thread: /health and requests say 503, never hang."""
-    broken = tmp_path / "broken.gguf"
-    with bundled_model_path().open("rb") as src:
-        broken.write_bytes(src.read(8 * 1024 * 1024))
-    port_server = _start_unhealthy(tmp_path, "--model", str(broken))
+    """A GGUF that passes the start-up checks (sound metadata, no tensor cut off) but that
+    llama.cpp cannot load (an architecture it does not know) fails on the engine thread:
+    /health and requests say 503, never hang. (A truncated file is caught at start-up.)"""
+    from tests.unit._gguf import model_pairs, write_gguf
+
+    broken = write_gguf(tmp_path / "broken.gguf", model_pairs("nosucharch"))
+    port_server = _start_unhealthy(tmp_path, "--model", str(broken), "-a", "nosucharch")
     try:
         deadline = time.monotonic() + 60
         while True:
