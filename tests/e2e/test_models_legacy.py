@@ -95,13 +95,9 @@ def test_a_ggml_bin_with_a_tokenizer_folder_generates_what_the_gguf_does(
         assert _ids(bin_server, text) == _ids(server, text)
 
 
-def test_the_conversion_is_cached_and_redone_when_the_file_changes(
-    bin_server: Server, files: dict[str, Path]
-) -> None:
-    converted = list(files["cache"].rglob("*.gguf"))
-    assert len(converted) == 1
-    stamp = converted[0].stat().st_mtime_ns
-    # Same file, same options: the cached GGUF is served as it is.
+def _serve_bin_once(files: dict[str, Path]) -> None:
+    """Start a server on the .bin with the tokenizer folder and the shared cache, answer one
+    completion, stop it."""
     srv = start_server(
         files["tmp"], "--parallel", "1", "--model", str(files["bin"]), "-v", str(files["tokenizer"]),
         "--cache-dir", str(files["cache"]),
@@ -110,6 +106,16 @@ def test_the_conversion_is_cached_and_redone_when_the_file_changes(
         assert _complete(srv, BIN_NAME, PROMPTS[0], 4)["choices"]
     finally:
         stop_server(srv)
+
+
+def test_the_conversion_is_cached_and_redone_when_the_file_changes(
+    bin_server: Server, files: dict[str, Path]
+) -> None:
+    converted = list(files["cache"].rglob("*.gguf"))
+    assert len(converted) == 1
+    stamp = converted[0].stat().st_mtime_ns
+    # Same file, same options: the cached GGUF is served as it is.
+    _serve_bin_once(files)
     assert [p.stat().st_mtime_ns for p in files["cache"].rglob("*.gguf")] == [stamp]
 
 
@@ -266,12 +272,5 @@ def test_a_damaged_cached_conversion_is_converted_again(files: dict[str, Path], 
     [converted] = list(files["cache"].rglob("*.gguf"))
     data = converted.read_bytes()
     converted.write_bytes(data[: len(data) // 2])  # as a full disk or a cut copy would leave it
-    srv = start_server(
-        files["tmp"], "--parallel", "1", "--model", str(files["bin"]), "-v", str(files["tokenizer"]),
-        "--cache-dir", str(files["cache"]),
-    )  # fmt: skip
-    try:
-        assert _complete(srv, BIN_NAME, PROMPTS[0], 4)["choices"]
-    finally:
-        stop_server(srv)
+    _serve_bin_once(files)
     assert converted.stat().st_size == len(data)
